@@ -1,0 +1,808 @@
+"""The one config schema: GPT-NeoX key names, YAML loading, merging and CLI overrides.
+
+Every key neoxlab understands is a field of `Config`. Files may be flat (as gpt-neox writes them)
+or grouped in sections (`model:`, `training:`, ...); `-` and `_` are the same; several files merge
+left to right and `key=value` overrides merge last. The field docs double as the key reference
+printed by `neoxlab train --help` and listed in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neoxlab.errors import NeoxlabError
+from neoxlab.model import ModelConfig
+
+# Sections only group keys; their children are ordinary keys.
+SECTIONS = (
+    "model",
+    "tokenizer",
+    "data",
+    "training",
+    "evaluation",
+    "logging",
+    "checkpointing",
+)
+
+# Keys whose value is a mapping (not a section).
+MAPPING_KEYS = ("optimizer", "fp16", "bf16")
+
+# Every accepted spelling -> the one canonical name that is stored.
+ALIASES = {
+    "micro_batch_size": "train_micro_batch_size_per_gpu",
+    "global_batch_size": "train_batch_size",
+    "lr_schedule": "lr_decay_style",
+    "keep_last_k": "keep_last_n_checkpoints",
+    "gas": "gradient_accumulation_steps",
+    "layernorm_eps": "layernorm_epsilon",
+}
+
+# Keys that hold file paths: relative values resolve against the folder of the file that set them
+# (or the working directory for CLI overrides).
+INPUT_PATH_KEYS = ("data_path", "vocab_file")
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+OPTIMIZER_TYPES = ("Adam", "AdamW", "SGD")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TOKENIZER_TYPES = ("bpe", "char", "hf")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+FP16_DEFAULTS = {
+    "enabled": False,
+    "loss_scale": 0,  # 0 = dynamic loss scaling (GradScaler)
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "min_loss_scale": 1.0,
+}
+
+
+def _help(text: str, section: str) -> dict[str, str]:
+    return {"help": text, "section": section}
+
+
+@dataclass
+class Config:
+    """A fully resolved neoxlab configuration."""
+
+    # model
+    hidden_size: int = field(default=256, metadata=_help("width of the residual stream", "model"))
+    num_layers: int = field(default=4, metadata=_help("number of transformer blocks", "model"))
+    num_attention_heads: int = field(
+        default=4, metadata=_help("attention heads; must divide hidden-size", "model")
+    )
+    max_position_embeddings: int | None = field(
+        default=None,
+        metadata=_help("longest context the model supports (default: seq-length)", "model"),
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata=_help("MLP width (default: 4 x hidden-size)", "model")
+    )
+    rotary_pct: float = field(
+        default=0.25,
+        metadata=_help("fraction of each head's dims that get rotary embeddings", "model"),
+    )
+    rotary_emb_base: float = field(
+        default=10000.0, metadata=_help("rotary frequency base", "model")
+    )
+    gpt_j_residual: bool = field(
+        default=True,
+        metadata=_help("parallel attention + MLP residual (Pythia); false = sequential", "model"),
+    )
+    layernorm_epsilon: float = field(default=1e-5, metadata=_help("LayerNorm epsilon", "model"))
+    activation: str = field(
+        default="gelu", metadata=_help("MLP activation: gelu (exact) | gelu_tanh (Pythia)", "model")
+    )
+    hidden_dropout: float = field(
+        default=0.0, metadata=_help("dropout on residual branches", "model")
+    )
+    attention_dropout: float = field(
+        default=0.0, metadata=_help("dropout on attention probabilities", "model")
+    )
+    make_vocab_size_divisible_by: int = field(
+        default=128, metadata=_help("pad the embedding rows to a multiple of this", "model")
+    )
+    pos_emb: str = field(
+        default="rotary", metadata=_help("position embedding; only rotary", "model")
+    )
+    checkpoint_activations: bool = field(
+        default=False, metadata=_help("recompute activations in backward to save memory", "model")
+    )
+
+    # tokenizer
+    tokenizer_type: str = field(
+        default="bpe",
+        metadata=_help(
+            "bpe (byte-level, trained on the data) | char | hf (vocab-file)", "tokenizer"
+        ),
+    )
+    vocab_file: str | None = field(
+        default=None,
+        metadata=_help("tokenizer.json to use; trained and written here if missing", "tokenizer"),
+    )
+    vocab_size: int = field(
+        default=5000, metadata=_help("BPE vocabulary size to train", "tokenizer")
+    )
+    special_tokens: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "special tokens for a trained BPE (default <|endoftext|> <|padding|>)", "tokenizer"
+        ),
+    )
+    eod_token: str = field(
+        default="<|endoftext|>", metadata=_help("end-of-document token", "tokenizer")
+    )
+    pad_token: str = field(default="<|padding|>", metadata=_help("padding token", "tokenizer"))
+
+    # data
+    data_path: str | None = field(
+        default=None,
+        metadata=_help(".jsonl / .txt to tokenize, or a prepared .bin/.idx prefix", "data"),
+    )
+    seq_length: int = field(default=256, metadata=_help("tokens per training sequence", "data"))
+    split: str = field(
+        default="900,100,0", metadata=_help("train,validation,test weights by document", "data")
+    )
+
+    # training
+    train_micro_batch_size_per_gpu: int = field(
+        default=4,
+        metadata=_help("sequences per forward pass per GPU (alias micro-batch-size)", "training"),
+    )
+    train_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "sequences per optimizer step, all GPUs (alias global-batch-size)", "training"
+        ),
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata=_help("micro-batches per step (default: from the batch sizes)", "training"),
+    )
+    train_iters: int = field(default=1000, metadata=_help("optimizer steps to train", "training"))
+    lr: float = field(default=6e-4, metadata=_help("peak learning rate", "training"))
+    min_lr: float = field(
+        default=0.0, metadata=_help("learning rate at the end of decay", "training")
+    )
+    lr_decay_style: str = field(
+        default="cosine",
+        metadata=_help("constant | linear | cosine (alias lr-schedule)", "training"),
+    )
+    lr_decay_iters: int | None = field(
+        default=None,
+        metadata=_help("steps over which lr decays (default: train-iters)", "training"),
+    )
+    warmup: float = field(
+        default=0.01,
+        metadata=_help("warmup: < 1 is a fraction of lr-decay-iters, >= 1 is steps", "training"),
+    )
+    optimizer: dict = field(
+        default_factory=lambda: {"type": "Adam", "params": {}},
+        metadata=_help("{type: Adam|AdamW|SGD, params: {betas, eps, momentum, ...}}", "training"),
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=_help("decoupled weight decay on >= 2-D weights", "training")
+    )
+    gradient_clipping: float = field(
+        default=1.0, metadata=_help("clip the global gradient norm to this (0 = off)", "training")
+    )
+    seed: int = field(
+        default=1234, metadata=_help("seed for init, data order and dropout", "training")
+    )
+    precision: str = field(
+        default="auto", metadata=_help("auto | fp32 | fp16 | bf16 (auto: by hardware)", "training")
+    )
+    fp16: dict = field(
+        default_factory=lambda: dict(FP16_DEFAULTS),
+        metadata=_help(
+            "{enabled, loss_scale, initial_scale_power, loss_scale_window, min_loss_scale}",
+            "training",
+        ),
+    )
+    bf16: dict = field(
+        default_factory=lambda: {"enabled": False}, metadata=_help("{enabled}", "training")
+    )
+    compile: str = field(
+        default="auto",
+        metadata=_help("torch.compile: auto (CUDA sm >= 8.0) | true | false", "training"),
+    )
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps", "training"))
+
+    # evaluation
+    eval_interval: int = field(default=1000, metadata=_help("evaluate every N steps", "evaluation"))
+    eval_iters: int = field(
+        default=100, metadata=_help("validation batches per evaluation", "evaluation")
+    )
+    sample_prompt: str = field(
+        default="\n",
+        metadata=_help("prompt for the sample generated at each evaluation", "evaluation"),
+    )
+    sample_tokens: int = field(
+        default=200, metadata=_help("tokens generated for that sample (0 = none)", "evaluation")
+    )
+
+    # logging
+    log_interval: int = field(
+        default=10, metadata=_help("log training metrics every N steps", "logging")
+    )
+    run_name: str | None = field(
+        default=None, metadata=_help("run directory name (default: adjective_scientist)", "logging")
+    )
+
+    # checkpointing
+    save: str | None = field(
+        default="checkpoints",
+        metadata=_help(
+            "checkpoint folder inside the run directory (false = none)", "checkpointing"
+        ),
+    )
+    save_interval: int = field(
+        default=1000, metadata=_help("checkpoint every N steps", "checkpointing")
+    )
+    keep_last_n_checkpoints: int | None = field(
+        default=None,
+        metadata=_help("keep only the newest N checkpoints (alias keep-last-k)", "checkpointing"),
+    )
+    exit_interval: int | None = field(
+        default=None, metadata=_help("stop (with a checkpoint) at this step", "checkpointing")
+    )
+
+    # ---- derived values -------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def batch_geometry(self, world_size: int = 1) -> tuple[int, int, int]:
+        """(micro batch, accumulation steps, global batch) for `world_size` processes."""
+        micro = self.train_micro_batch_size_per_gpu
+        if self.train_batch_size is None:
+            gas = self.gradient_accumulation_steps or 1
+            return micro, gas, micro * gas * world_size
+        per_step = micro * world_size
+        if self.train_batch_size % per_step:
+            raise NeoxlabError(
+                f"global batch {self.train_batch_size} is not divisible by micro batch {micro} x "
+                f"world size {world_size} = {per_step}",
+                hint="make train-batch-size a multiple of train-micro-batch-size-per-gpu x GPUs",
+            )
+        gas = self.train_batch_size // per_step
+        if self.gradient_accumulation_steps not in (None, gas):
+            raise NeoxlabError(
+                f"gradient-accumulation-steps {self.gradient_accumulation_steps} disagrees with "
+                f"global batch {self.train_batch_size} / (micro {micro} x world {world_size}) "
+                f"= {gas}",
+                hint="set only two of the three batch keys",
+            )
+        return micro, gas, self.train_batch_size
+
+    def warmup_iters(self) -> int:
+        decay_iters = self.lr_decay_iters or self.train_iters
+        if self.warmup < 1:
+            return int(self.warmup * decay_iters)
+        return int(self.warmup)
+
+    def requested_precision(self) -> str:
+        """What the config asks for: auto, fp32, fp16 or bf16 (hardware decides `auto`)."""
+        if self.precision != "auto":
+            return self.precision
+        if self.fp16.get("enabled"):
+            return "fp16"
+        if self.bf16.get("enabled"):
+            return "bf16"
+        return "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with canonical, hyphenated keys (what config.yml holds)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check values that types alone do not catch. Raises NeoxlabError."""
+        positive = (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "seq_length",
+            "train_micro_batch_size_per_gpu",
+            "train_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "save_interval",
+            "make_vocab_size_divisible_by",
+            "vocab_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise NeoxlabError(f"{_key(name)} must be positive, got {getattr(self, name)}")
+        for name in (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_position_embeddings",
+            "intermediate_size",
+            "lr_decay_iters",
+            "keep_last_n_checkpoints",
+            "exit_interval",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise NeoxlabError(f"{_key(name)} must be positive, got {value}")
+        for name in (
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "gradient_clipping",
+            "warmup",
+            "sample_tokens",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise NeoxlabError(f"{_key(name)} must be a non-negative number, got {value}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise NeoxlabError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise NeoxlabError(f"min-lr {self.min_lr} is larger than lr {self.lr}")
+        if self.hidden_size % self.num_attention_heads:
+            raise NeoxlabError(
+                f"hidden-size {self.hidden_size} is not divisible by num-attention-heads "
+                f"{self.num_attention_heads}",
+                hint="pick a head count that divides the hidden size",
+            )
+        if not 0 < self.rotary_pct <= 1:
+            raise NeoxlabError(f"rotary-pct must be in (0, 1], got {self.rotary_pct}")
+        if self.seq_length > self.context_length:
+            raise NeoxlabError(
+                f"seq-length {self.seq_length} is above max-position-embeddings "
+                f"{self.max_position_embeddings}",
+                hint="lower seq-length or raise max-position-embeddings",
+            )
+        _check_choice("pos_emb", self.pos_emb, ("rotary",))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
+        _check_choice("compile", self.compile, ("auto", "true", "false"))
+        _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
+        if self.fp16.get("enabled") and self.bf16.get("enabled"):
+            raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
+        if self.tokenizer_type == "hf" and not self.vocab_file:
+            raise NeoxlabError("tokenizer-type hf needs vocab-file (a tokenizer.json)")
+        specials = self.special_tokens or ["<|endoftext|>", "<|padding|>"]
+        if self.tokenizer_type == "bpe" and self.vocab_size <= len(specials):
+            raise NeoxlabError(
+                f"vocab-size {self.vocab_size} is not larger than the {len(specials)} special "
+                "tokens"
+            )
+        if self.special_tokens is not None and self.eod_token not in self.special_tokens:
+            raise NeoxlabError(
+                f"eod-token {self.eod_token!r} is not among special-tokens {self.special_tokens}",
+                hint="add it to special-tokens or set eod-token to one of them",
+            )
+        parse_split(self.split)
+        self.batch_geometry(1)
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """`"969,30,1"` -> normalised (train, validation, test) fractions, as gpt-neox reads it."""
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if (
+        len(weights) != 3
+        or any(w < 0 or not math.isfinite(w) for w in weights)
+        or sum(weights) <= 0
+    ):
+        raise NeoxlabError(
+            f"split {split!r} is not three non-negative weights",
+            hint='write it as "train,validation,test", e.g. "900,100,0"',
+        )
+    total = sum(weights)
+    return weights[0] / total, weights[1] / total, weights[2] / total
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise NeoxlabError(
+            f"{_key(name)} must be one of {', '.join(choices)}; got {value!r}",
+        )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+# ---- reading files ----------------------------------------------------------------------------
+
+
+def canonical_key(raw: Any) -> str:
+    """`Hidden-Size` / `hidden_size` / alias -> canonical field name."""
+    name = str(raw).strip().replace("-", "_").lower()
+    return ALIASES.get(name, name)
+
+
+def _unknown_key(key: str, origin: str) -> NeoxlabError:
+    candidates = [*FIELDS, *ALIASES, *SECTIONS]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean '{_key(close[0])}'?" if close else "see `neoxlab train --help` for keys"
+    return NeoxlabError(f"unknown config key '{_key(key)}' in {origin}", hint=hint)
+
+
+def _normalise_mapping(value: Any, key: str, origin: str) -> dict:
+    if value is True or value is False:
+        return {"enabled": value}
+    if not isinstance(value, dict):
+        raise NeoxlabError(
+            f"{_key(key)} in {origin} must be a mapping or true/false, got {value!r}"
+        )
+    return {canonical_key(k): v for k, v in value.items()}
+
+
+def flatten_layer(raw: dict, origin: str, base_dir: Path | None) -> dict[str, Any]:
+    """One file's (or the CLI's) keys -> {canonical key: value}, sections flattened.
+
+    `base_dir` resolves relative input paths (None: leave them as written).
+    """
+    if not isinstance(raw, dict):
+        raise NeoxlabError(f"{origin} must hold a mapping of config keys, got {type(raw).__name__}")
+    flat: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if key in flat and flat[key] != value:
+            raise NeoxlabError(f"'{_key(key)}' is set twice in {origin} with different values")
+        flat[key] = value
+
+    for raw_key, value in raw.items():
+        key = canonical_key(raw_key)
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise NeoxlabError(f"section '{key}' in {origin} must be a mapping")
+            for child_key, child_value in value.items():
+                child = canonical_key(child_key)
+                if child in SECTIONS:
+                    raise NeoxlabError(f"section '{child}' nested inside '{key}' in {origin}")
+                if child == "optimizer":
+                    _put_optimizer(put, child_value, origin)
+                else:
+                    put(child, child_value)
+        elif key == "optimizer":
+            _put_optimizer(put, value, origin)
+        else:
+            put(key, value)
+
+    # `save: true` + `save-dir: X` (a common habit) means `save: X`.
+    save_dir = flat.pop("save_dir", None)
+    if save_dir is not None:
+        if flat.get("save") is False:
+            raise NeoxlabError(f"save is false but save-dir is set in {origin}")
+        flat["save"] = save_dir
+    elif flat.get("save") is True:
+        flat["save"] = FIELDS["save"].default
+    elif flat.get("save") is False:
+        flat["save"] = None
+
+    for key in MAPPING_KEYS:
+        if key in flat and key != "optimizer":
+            flat[key] = _normalise_mapping(flat[key], key, origin)
+    _lift_optimizer_params(flat, origin)
+
+    for key in flat:
+        if key not in FIELDS:
+            raise _unknown_key(key, origin)
+    if base_dir is not None:
+        for key in INPUT_PATH_KEYS:
+            if isinstance(flat.get(key), str) and flat[key]:
+                flat[key] = str((base_dir / Path(flat[key]).expanduser()).resolve())
+    return flat
+
+
+def _put_optimizer(put, value: Any, origin: str) -> None:
+    """`optimizer:` holds {type, params}; any other child (lr-schedule, warmup) is a plain key."""
+    if isinstance(value, str):
+        put("optimizer", {"type": value})
+        return
+    if not isinstance(value, dict):
+        raise NeoxlabError(f"optimizer in {origin} must be a mapping {{type, params}} or a name")
+    optimizer = {}
+    for raw_key, child in value.items():
+        key = canonical_key(raw_key)
+        if key in ("type", "params"):
+            optimizer[key] = child
+        else:
+            put(key, child)
+    if optimizer:
+        put("optimizer", optimizer)
+
+
+def _lift_optimizer_params(flat: dict, origin: str) -> None:
+    """`optimizer.params.lr` / `weight_decay` are the same as top-level `lr` / `weight-decay`."""
+    optimizer = flat.get("optimizer")
+    if optimizer is None:
+        return
+    params = optimizer.get("params")
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise NeoxlabError(f"optimizer.params in {origin} must be a mapping, got {params!r}")
+    params = {canonical_key(k): v for k, v in params.items()}
+    for key in ("lr", "weight_decay"):
+        if key not in params:
+            continue
+        value = params.pop(key)
+        if key in flat and _coerce(key, flat[key], origin) != _coerce(key, value, origin):
+            raise NeoxlabError(
+                f"{_key(key)} ({flat[key]}) and optimizer.params.{key} ({value}) differ "
+                f"in {origin}",
+                hint="set it in one place",
+            )
+        flat[key] = value
+    optimizer["params"] = params
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# ---- types ------------------------------------------------------------------------------------
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    """Check/convert one value to its field's type. YAML reads 5e-4 as a string: accept it."""
+    expected = _TYPES[name]
+    optional = False
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        args = [a for a in typing.get_args(expected) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(expected))
+        expected = args[0]
+    if value is None:
+        if optional:
+            return None
+        raise NeoxlabError(f"{_key(name)} in {origin} must not be empty")
+
+    def wrong() -> NeoxlabError:
+        return NeoxlabError(
+            f"{_key(name)} in {origin} must be {_TYPE_NAMES.get(expected, 'a value')}, "
+            f"got {value!r}"
+        )
+
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if expected is int:
+        if isinstance(value, bool):
+            raise wrong()
+        if isinstance(value, int):
+            return value
+        number = _number(value)
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
+        raise wrong()
+    if expected is float:
+        if isinstance(value, bool):
+            raise wrong()
+        number = _number(value)
+        if number is None:
+            raise wrong()
+        return number
+    if expected is str:
+        if name == "compile" and isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong()
+    if expected is dict:
+        if isinstance(value, dict):
+            return value
+        raise wrong()
+    if typing.get_origin(expected) is list:
+        if isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise wrong()
+    raise AssertionError(f"no coercion for {expected}")
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "a mapping",
+}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _build(merged: dict, origin: str) -> Config:
+    values = {name: _coerce(name, value, origin) for name, value in merged.items()}
+    if "optimizer" in values:
+        optimizer = {"type": "Adam", "params": {}, **values["optimizer"]}
+        optimizer["type"] = _canonical_optimizer(optimizer["type"])
+        if not isinstance(optimizer["params"], dict):
+            raise NeoxlabError(f"optimizer.params in {origin} must be a mapping")
+        optimizer["params"] = {k: _numeric(v) for k, v in optimizer["params"].items()}
+        values["optimizer"] = optimizer
+    if "fp16" in values:
+        values["fp16"] = {**FP16_DEFAULTS, **values["fp16"]}
+        unknown = set(values["fp16"]) - set(FP16_DEFAULTS) - {"hysteresis"}
+        if unknown:
+            raise NeoxlabError(
+                f"unknown fp16 option(s) {sorted(unknown)} in {origin}",
+                hint=f"known: {', '.join(FP16_DEFAULTS)}",
+            )
+    return Config(**values)
+
+
+def _numeric(value: Any) -> Any:
+    """Optimizer params have no schema: turn YAML's numeric strings ("1e-8") into numbers."""
+    if isinstance(value, list):
+        return [_numeric(v) for v in value]
+    if isinstance(value, str):
+        number = _number(value)
+        return value if number is None else number
+    return value
+
+
+def _canonical_optimizer(name: Any) -> str:
+    by_lower = {n.lower(): n for n in OPTIMIZER_TYPES}
+    return by_lower.get(str(name).lower(), str(name))
+
+
+# ---- public entry points ---------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> Any:
+    """safe_load a YAML file (never constructs Python objects), with clear errors."""
+    if not path.is_file():
+        raise NeoxlabError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise NeoxlabError(f"config file {path} is not UTF-8 text ({err.reason})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise NeoxlabError(f"config file {path} is not valid YAML{where}: {problem}") from None
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}} with value parsed as a YAML scalar."""
+    key, sep, raw_value = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise NeoxlabError(f"override {text!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value
+    parts = key.split(".")
+    nested: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(
+    paths: typing.Sequence[str | Path] = (),
+    overrides: typing.Sequence[str] = (),
+    *,
+    cwd: Path | None = None,
+) -> Config:
+    """Read, merge (left to right, then overrides) and validate config files."""
+    merged: dict = {}
+    for raw_path in paths:
+        path = Path(raw_path).expanduser().resolve()
+        layer = flatten_layer(read_yaml(path), str(raw_path), path.parent)
+        merged = _merge(merged, layer)
+    if overrides:
+        cli: dict = {}
+        for text in overrides:
+            cli = _merge(cli, parse_override(text))
+        layer = flatten_layer(cli, "command-line overrides", cwd or Path.cwd())
+        merged = _merge(merged, layer)
+    origin = ", ".join(str(p) for p in paths) or "defaults"
+    if overrides:
+        origin += " + command-line overrides"
+    config = _build(merged, origin)
+    config.validate()
+    return config
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config from a saved config.yml mapping (canonical keys, absolute paths)."""
+    config = _build(flatten_layer(values, "saved config", None), "saved config")
+    config.validate()
+    return config
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML (reloadable with `load_config`)."""
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def key_reference() -> list[tuple[str, str, str, str]]:
+    """(section, key, default, help) for every config key, in schema order."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        missing = f.default is dataclasses.MISSING
+        default = f.default_factory() if missing else f.default  # type: ignore[misc]
+        rows.append(
+            (f.metadata["section"], _key(f.name), _format_default(default), f.metadata["help"])
+        )
+    return rows
+
+
+def _format_default(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value) if value.strip() != value or not value else value
+    return str(value)
+
+
+def model_config(config: Config, vocab_size: int) -> ModelConfig:
+    """The network's shape from a config and the (already padded) vocabulary size."""
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.context_length,
+        intermediate_size=config.intermediate_size,
+        rotary_pct=config.rotary_pct,
+        rotary_emb_base=config.rotary_emb_base,
+        parallel_residual=config.gpt_j_residual,
+        layernorm_eps=config.layernorm_epsilon,
+        activation=config.activation,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        checkpoint_activations=config.checkpoint_activations,
+    )
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple (fast matmuls)."""
+    return -(-vocab_size // multiple) * multiple
