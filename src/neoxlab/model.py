@@ -1,0 +1,385 @@
+"""The GPT-NeoX network and KV-cache generation.
+
+Numerically the same function as Hugging Face's `GPTNeoXForCausalLM`, with the same parameter
+names, so exporting is a plain state_dict copy. The pieces:
+
+- LayerNorm with bias before attention and before the MLP, and once more before the output head.
+- Fused QKV projection whose output rows are grouped per head as [head][q, k, v][head_dim].
+- Rotary position embedding on the first `rotary_pct` of each head's dims (NeoX rotate-half).
+- Parallel residual (x + attn(ln1(x)) + mlp(ln2(x))) by default, sequential optionally.
+- An untied output head without bias.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from neoxlab.errors import NeoxlabError
+
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
+POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "intermediate_size",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and behaviour of the network; field names follow GPT-NeoX's config keys."""
+
+    vocab_size: int  # rows of the embedding, already padded by the caller
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 256
+    intermediate_size: int | None = None  # None -> 4 * hidden_size
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embedding
+    rotary_emb_base: float = 10000.0
+    parallel_residual: bool = True  # gpt-neox `gpt_j_residual`
+    layernorm_eps: float = 1e-5
+    activation: str = "gelu"  # "gelu" (exact) | "gelu_tanh" (HF "gelu_pytorch_tanh")
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        for key in POSITIVE_FIELDS:
+            if getattr(self, key) <= 0:
+                raise NeoxlabError(
+                    f"{key.replace('_', '-')} must be positive, got {getattr(self, key)}"
+                )
+        if self.hidden_size % self.num_attention_heads:
+            raise NeoxlabError(
+                f"hidden-size {self.hidden_size} is not divisible by "
+                f"num-attention-heads {self.num_attention_heads}"
+            )
+        if not 0 < self.rotary_pct <= 1:
+            raise NeoxlabError(f"rotary-pct must be in (0, 1], got {self.rotary_pct}")
+        # rotate-half pairs dim i with dim i + n/2, so the rotary part needs an even size
+        if self.rotary_ndims < 2 or self.rotary_ndims % 2:
+            raise NeoxlabError(
+                f"rotary-pct {self.rotary_pct} of head size {self.head_dim} gives "
+                f"{self.rotary_ndims} rotary dims; that must be an even number of at least 2"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise NeoxlabError(
+                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise NeoxlabError(
+                    f"{key.replace('_', '-')} must be in [0, 1), got {getattr(self, key)}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+
+def rotary_cos_sin(config: ModelConfig, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (B, 1, T, rotary_ndims) for (B, T) positions, computed in fp32.
+
+    Computed on the fly rather than cached in buffers: it is cheap, and a model built on the meta
+    device and materialised later (FSDP) has no buffers left to recompute.
+    """
+    n = config.rotary_ndims
+    exponents = torch.arange(0, n, 2, dtype=torch.float32, device=position_ids.device) / n
+    inv_freq = 1.0 / (config.rotary_emb_base**exponents)
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # one angle per dim, shared by heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.size(-1) dims of x (B, H, T, head_dim); the rest pass through."""
+    n = cos.size(-1)
+    x_rot, x_pass = x[..., :n], x[..., n:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated to the context size on first use."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.length = 0  # positions [0, length) are filled
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, head_dim) after what is cached; return all keys and values."""
+        if self.keys is None or self.values is None:
+            # allocated here, not up front, so the cache takes the dtype autocast gives k and v
+            batch, heads, _, head_dim = k.shape
+            self.keys = k.new_empty(batch, heads, self.size, head_dim)
+            self.values = v.new_empty(batch, heads, self.size, head_dim)
+        end = self.length + k.size(2)
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        batch, seq, hidden = x.shape
+        # GPT-NeoX interleaves per head ([head][q, k, v][head_dim]), not [q | k | v] as nanoGPT
+        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        is_causal = True
+        if cache is not None:
+            # A cached call either fills an empty cache with the prompt (causal), or adds one
+            # token that may see every cached key (no mask; SDPA's causal mask is top-left
+            # aligned and would hide all keys but the first).
+            is_causal = cache.length == 0
+            k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        return self.dense(y.transpose(1, 2).reshape(batch, seq, hidden))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.intermediate_size is not None  # set by ModelConfig.__post_init__
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = ACTIVATIONS[config.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.parallel_residual = config.parallel_residual
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        attn = self.dropout(self.attention(self.input_layernorm(x), cos, sin, cache))
+        if self.parallel_residual:
+            # attention and MLP both read x (not x + attn), so the two can run side by side
+            return x + attn + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + attn
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # ModuleDict (not a submodule class) only to get HF's `gpt_neox.` name prefix
+        self.gpt_neox = nn.ModuleDict(
+            {
+                "embed_in": nn.Embedding(config.vocab_size, config.hidden_size),
+                "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+                "final_layer_norm": nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps),
+            }
+        )
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-NeoX's init: "small_init", but "wang_init" for the layers that feed the residual."""
+        hidden, layers = self.config.hidden_size, self.config.num_layers
+        small_std = math.sqrt(2 / (5 * hidden))
+        # output projections add into the residual stream once per layer: scale down with depth
+        wang_std = 2 / (layers * math.sqrt(hidden))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_output = name.endswith(("attention.dense", "mlp.dense_4h_to_h"))
+                nn.init.normal_(
+                    module.weight, mean=0.0, std=wang_std if is_residual_output else small_std
+                )
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=small_std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for input_ids (B, T), and the mean cross-entropy against targets
+        (B, T) when given, skipping positions whose target is -100."""
+        logits = self._logits(input_ids, position_ids)
+        if targets is None:
+            return logits, None
+        # in fp32: a bf16/fp16 softmax over ~50k classes loses too much precision
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
+        return logits, loss
+
+    def _logits(
+        self, input_ids: Tensor, position_ids: Tensor | None, caches: list[KVCache] | None = None
+    ) -> Tensor:
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device)
+        cos, sin = rotary_cos_sin(self.config, position_ids.expand(batch, seq))
+        x = self.embedding_dropout(self.gpt_neox.embed_in(input_ids))
+        use_checkpoint = self.config.checkpoint_activations and self.training and caches is None
+        for i, layer in enumerate(self.gpt_neox.layers):
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, None if caches is None else caches[i])
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; exclude_embeddings drops the input embedding (not the output head)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.gpt_neox.embed_in.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_length: int) -> int:
+        """Training FLOPs (forward + backward) per token, as in PaLM's MFU: 6 per weight of every
+        matmul, plus attention's scores and weighted sum over seq_length keys."""
+        config = self.config
+        matmul_flops = 6 * self.num_parameters(exclude_embeddings=True)
+        return matmul_flops + 12 * config.num_layers * config.hidden_size * seq_length
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield the next token ids (B,) for prompts input_ids (B, T), one step at a time.
+
+        temperature 0 is greedy. Stops early once every row has produced eos_token_id; rows that
+        finished earlier yield eos_token_id. Call model.eval() first, or dropout stays on.
+        Arguments are checked here, before the first step, so mistakes surface at the call.
+        """
+        context, prompt_length = self.config.max_position_embeddings, input_ids.size(1)
+        if prompt_length == 0:
+            raise NeoxlabError("the prompt is empty", hint="give at least one token")
+        if prompt_length > context:
+            raise NeoxlabError(
+                f"prompt is {prompt_length} tokens, longer than the model's context of {context}",
+                hint="shorten the prompt or keep only its last tokens",
+            )
+        if temperature < 0:
+            raise NeoxlabError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise NeoxlabError(f"top-k must be at least 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise NeoxlabError(f"top-p must be in (0, 1], got {top_p}")
+        sample = partial(
+            sample_next_token,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        return self._generate(input_ids, max_new_tokens, sample, eos_token_id)
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        sample: Callable[[Tensor], Tensor],
+        eos_token_id: int | None,
+    ) -> Iterator[Tensor]:
+        context = self.config.max_position_embeddings
+        caches = [KVCache(context) for _ in range(self.config.num_layers)]
+        tokens = input_ids  # the last `context` tokens, kept to refill the cache when it is full
+        logits = self._logits(tokens, None, caches)[:, -1]
+        finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            next_token = sample(logits)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+            yield next_token
+            if eos_token_id is not None and bool(finished.all()):
+                return
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)[:, -context:]
+            if caches[0].length < context:
+                position = torch.tensor([caches[0].length], device=tokens.device)
+                logits = self._logits(tokens[:, -1:], position, caches)[:, -1]
+            else:
+                # The cache is full: slide the window. Keep the last half of the context and
+                # re-prefill it at positions 0.. (positions past the context were never trained).
+                # Half, not context - 1, so the O(context) refill happens once every
+                # context / 2 tokens instead of at every step, while keeping half the history.
+                tokens = tokens[:, -max(1, context // 2) :]
+                for cache in caches:
+                    cache.length = 0
+                logits = self._logits(tokens, None, caches)[:, -1]
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row from logits (B, vocab): argmax at temperature 0, else sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        # nucleus: keep the fewest most likely tokens whose probabilities reach top_p; a token
+        # goes when those ranked above it already reach it, so the most likely one always stays
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_above = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_above >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
