@@ -1,0 +1,203 @@
+"""Checkpoints: atomic folders that hold everything needed for an exact resume.
+
+A checkpoint is `step_NNNNNNN/` with `model.safetensors` (weights), `optimizer.pt` (optimizer,
+loss scaler and RNG states: tensors and plain Python values only, so it loads with
+`torch.load(weights_only=True)`), `state.json` (step, tokens, config, ...) and the run's
+`tokenizer.json`, so a checkpoint folder alone is enough to generate or evaluate. Folders are
+written under a temporary name and renamed, so a crash never leaves a half-written checkpoint
+where a reader would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from neoxlab.config import Config, config_from_dict, model_config, padded_vocab_size, read_yaml
+from neoxlab.errors import NeoxlabError
+from neoxlab.model import GPTNeoX
+from neoxlab.tokenizer import load_tokenizer
+
+STEP_PREFIX = "step_"
+TMP_MARKER = ".tmp-"
+FILES = ("model.safetensors", "optimizer.pt", "state.json", "tokenizer.json")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [
+        path
+        for path in root.iterdir()
+        if path.is_dir()
+        and path.name.startswith(STEP_PREFIX)
+        and TMP_MARKER not in path.name
+        and (path / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    training_state: dict[str, Any],
+    state: dict[str, Any],
+    tokenizer_file: Path,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{final.name}{TMP_MARKER}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save(training_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        _fsync_dir_files(tmp)
+        if final.exists():
+            # Only happens when a resumed run re-saves the step it resumed from.
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise NeoxlabError(
+            f"could not write checkpoint {final}: {err.strerror or err}",
+            hint="free disk space or fix permissions; the previous checkpoint is untouched",
+        ) from None
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "state.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NeoxlabError(f"{checkpoint} is not a neoxlab checkpoint (no state.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NeoxlabError(f"checkpoint state {path} is unreadable: {err}") from None
+
+
+def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Weights through safetensors: loading never runs code from the file."""
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        raise NeoxlabError(f"checkpoint {checkpoint} has no model.safetensors")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise NeoxlabError(f"checkpoint weights {path} are unreadable: {err}") from None
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """Optimizer/scaler/RNG states with `weights_only=True`: pickled code is refused."""
+    path = checkpoint / "optimizer.pt"
+    if not path.is_file():
+        raise NeoxlabError(f"checkpoint {checkpoint} has no optimizer.pt, so it cannot resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeoxlabError(
+            f"refusing to load {path}: not a plain tensor checkpoint ({first_line})",
+            hint="neoxlab never unpickles code; re-create the checkpoint with neoxlab",
+        ) from None
+
+
+def load_model_state(model: nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
+    """Copy weights into `model`, turning shape/name mismatches into one clear error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise NeoxlabError(
+            f"checkpoint {origin} does not match the model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}",
+            hint="use the config the checkpoint was trained with",
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise NeoxlabError(
+                f"checkpoint {origin} has {name} of shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}",
+                hint="the checkpoint comes from a different model shape or tokenizer",
+            )
+    model.load_state_dict(weights)
+
+
+@dataclass
+class TrainedModel:
+    """A model ready for generation or evaluation, with what it was trained with."""
+
+    model: GPTNeoX
+    tokenizer: Tokenizer
+    config: Config
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run directory (-> its newest checkpoint)."""
+    path = path.expanduser()
+    if (path / "state.json").is_file():
+        return path
+    config_file = path / "config.yml"
+    if config_file.is_file():
+        saved = config_from_dict(read_yaml(config_file))
+        root = path / saved.save if saved.save else None
+        checkpoint = latest_checkpoint(root) if root else None
+        if checkpoint is None:
+            raise NeoxlabError(
+                f"run {path} has no checkpoint yet",
+                hint="wait for the first save-interval, or train longer",
+            )
+        return checkpoint
+    if not path.exists():
+        raise NeoxlabError(f"{path} does not exist")
+    raise NeoxlabError(f"{path} is neither a neoxlab run directory nor a checkpoint folder")
+
+
+def load_trained(path: Path, device: torch.device) -> TrainedModel:
+    checkpoint = resolve_checkpoint(path)
+    state = read_state(checkpoint)
+    config = config_from_dict(state["config"])
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
+    model = GPTNeoX(model_config(config, vocab))
+    load_model_state(model, load_weights(checkpoint), checkpoint)
+    model.to(device).eval()
+    return TrainedModel(model, tokenizer, config, checkpoint, state)

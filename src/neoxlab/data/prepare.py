@@ -1,0 +1,245 @@
+"""From `data-path` to token streams: tokenizer training, tokenization, and the .bin/.idx cache.
+
+`data-path` may name
+- a `.jsonl` (records with "text"; optional "split"/"document", see corpora.read_jsonl_documents)
+  or a `.txt` (one text, split contiguously by the `split` weights): neoxlab trains the tokenizer
+  if needed, tokenizes, and caches `<stem>.<8 hex>.<split>.bin/.idx` beside the file, the hex
+  being sha256(tokenizer.json + source + options);
+- a prepared GPT-NeoX prefix (`PREFIX.bin` + `PREFIX.idx`), split by document with `split`.
+A missing `shakespeare.jsonl` is prepared automatically (Tiny Shakespeare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from neoxlab.config import Config, parse_split
+from neoxlab.data.corpora import (
+    Document,
+    fetch_shakespeare,
+    read_jsonl_documents,
+    write_shakespeare_jsonl,
+)
+from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
+from neoxlab.errors import NeoxlabError
+from neoxlab.tokenizer import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    read_text,
+    token_id,
+    train_bpe,
+    train_char,
+)
+
+SPLITS = ("train", "validation", "test")
+SHAKESPEARE_JSONL = "shakespeare.jsonl"
+TEXT_SUFFIXES = (".jsonl", ".txt")
+
+
+@dataclass
+class PreparedData:
+    """Token streams per split (documents back to back, each ended by the eod token)."""
+
+    splits: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+    tokenizer_file: Path
+    eod_id: int
+    summary: dict = field(default_factory=dict)
+
+
+def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
+    if not config.data_path:
+        raise NeoxlabError("no data-path in the config", hint="set data-path: FILE.jsonl")
+    path = Path(config.data_path)
+    if path.suffix in TEXT_SUFFIXES:
+        return _prepare_text_source(config, path, log)
+    return _open_prefix(config, path)
+
+
+# ---- raw text sources ------------------------------------------------------------------------
+
+
+def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None]) -> PreparedData:
+    if not path.exists():
+        if path.name != SHAKESPEARE_JSONL:
+            raise NeoxlabError(f"data-path {path} does not exist")
+        log(f"preparing Tiny Shakespeare -> {path}")
+        text = read_text(fetch_shakespeare())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_shakespeare_jsonl(text, path)
+    documents = _read_documents(path, config)
+    tokenizer_file = _tokenizer_path(config, path)
+    if not tokenizer_file.exists():
+        _train_tokenizer(config, documents, tokenizer_file, log)
+    tokenizer = load_tokenizer(tokenizer_file)
+    eod_id = token_id(tokenizer, config.eod_token)
+
+    digest = hashlib.sha256()
+    digest.update(tokenizer_file.read_bytes())
+    digest.update(_file_digest(path))
+    options = {"split": config.split, "eod": config.eod_token, "format": 1}
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    prefix = path.with_name(f"{path.stem}.{digest.hexdigest()[:8]}")
+
+    present = [s for s in SPLITS if any(d.split == s for d in documents)]
+    if not all(Path(f"{prefix}.{s}.idx").exists() for s in present):
+        log(f"tokenizing {path.name} with {tokenizer_file.name} -> {prefix.name}.*.bin/.idx")
+        _write_splits(prefix, documents, present, tokenizer, eod_id)
+    splits = {s: IndexedDataset(f"{prefix}.{s}").tokens for s in present}
+    _check_validation(splits, path)
+    summary = {
+        "source": str(path),
+        "tokenizer": str(tokenizer_file),
+        "vocab_size": tokenizer.get_vocab_size(),
+        **{f"{s}_tokens": len(t) for s, t in splits.items()},
+    }
+    return PreparedData(splits, tokenizer, tokenizer_file, eod_id, summary)
+
+
+def _read_documents(path: Path, config: Config) -> list[Document]:
+    if path.suffix == ".txt":
+        text = read_text(path)
+        if not text:
+            raise NeoxlabError(f"data file {path} is empty")
+        # One text: split contiguously (as Tiny Shakespeare is) by the split weights.
+        fractions = parse_split(config.split)
+        bounds = [0]
+        for fraction in fractions:
+            bounds.append(bounds[-1] + int(fraction * len(text)))
+        bounds[-1] = len(text)
+        spans = zip(SPLITS, itertools.pairwise(bounds), strict=True)
+        return [Document(text[a:b], name) for name, (a, b) in spans if b > a]
+    documents = read_jsonl_documents(path)
+    if any(d.split is None for d in documents):
+        documents = _assign_splits(documents, config.split)
+    return documents
+
+
+def _assign_splits(documents: list[Document], split: str) -> list[Document]:
+    """Documents without an explicit split: contiguous ranges by index, as gpt-neox splits."""
+    counts = split_counts(len(documents), split)
+    names = [name for name, count in zip(SPLITS, counts, strict=True) for _ in range(count)]
+    return [
+        d if d.split is not None else Document(d.text, name)
+        for d, name in zip(documents, names, strict=True)
+    ]
+
+
+def split_counts(total: int, split: str) -> tuple[int, int, int]:
+    """How many of `total` documents go to train / validation / test (gpt-neox rounding)."""
+    fractions = parse_split(split)
+    bounds = [0]
+    for fraction in fractions:
+        bounds.append(bounds[-1] + round(fraction * float(total)))
+    diff = bounds[-1] - total
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    train, validation, test = (b - a for a, b in itertools.pairwise(bounds))
+    return train, validation, test
+
+
+def _tokenizer_path(config: Config, data: Path) -> Path:
+    if config.vocab_file:
+        return Path(config.vocab_file)
+    if config.tokenizer_type == "char":
+        return data.with_name(f"{data.stem}.char.tokenizer.json")
+    return data.with_name(f"{data.stem}.bpe-{config.vocab_size}.tokenizer.json")
+
+
+def _train_tokenizer(
+    config: Config, documents: list[Document], out: Path, log: Callable[[str], None]
+) -> None:
+    if config.tokenizer_type == "hf":
+        raise NeoxlabError(f"vocab-file {out} does not exist", hint="point it at a tokenizer.json")
+    specials = tuple(config.special_tokens or SPECIAL_TOKENS)
+    train_texts = [d.text for d in documents if d.split == "train"]
+    if config.tokenizer_type == "char":
+        log(f"building a character tokenizer -> {out}")
+        tokenizer = train_char("".join(d.text for d in documents), special_tokens=specials)
+    else:
+        log(f"training a byte-level BPE tokenizer (vocab {config.vocab_size}) -> {out}")
+        tokenizer = train_bpe(train_texts, config.vocab_size, special_tokens=specials)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(out)
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def _write_splits(
+    prefix: Path,
+    documents: list[Document],
+    splits: list[str],
+    tokenizer: Tokenizer,
+    eod_id: int,
+) -> None:
+    dtype = best_dtype(tokenizer.get_vocab_size())
+    for split in splits:
+        texts = [d.text for d in documents if d.split == split]
+        with IndexedDatasetWriter(f"{prefix}.{split}", dtype) as writer:
+            for start in range(0, len(texts), 256):
+                batch = tokenizer.encode_batch(texts[start : start + 256], add_special_tokens=False)
+                for encoding in batch:
+                    writer.add_document([*encoding.ids, eod_id])
+
+
+# ---- prepared GPT-NeoX prefixes ---------------------------------------------------------------
+
+
+def _open_prefix(config: Config, prefix: Path) -> PreparedData:
+    if not config.vocab_file:
+        raise NeoxlabError(
+            f"data-path {prefix} is a prepared dataset, so the tokenizer cannot be trained from it",
+            hint="set vocab-file to the tokenizer.json it was prepared with",
+        )
+    dataset = IndexedDataset(prefix)
+    tokenizer_file = Path(config.vocab_file)
+    tokenizer = load_tokenizer(tokenizer_file)
+    max_id = int(dataset.tokens.max()) if len(dataset.tokens) else -1
+    if max_id >= tokenizer.get_vocab_size():
+        raise NeoxlabError(
+            f"{prefix} holds token id {max_id}, beyond the tokenizer's vocabulary "
+            f"({tokenizer.get_vocab_size()}) in {tokenizer_file}",
+            hint="the data was prepared with a different tokenizer",
+        )
+    counts = split_counts(len(dataset), config.split)
+    pointers = dataset.pointers // dataset.dtype.itemsize
+    ends = np.concatenate([pointers, [len(dataset.tokens)]])
+    splits = {}
+    first = 0
+    for name, count in zip(SPLITS, counts, strict=True):
+        if count:
+            splits[name] = dataset.tokens[int(ends[first]) : int(ends[first + count])]
+        first += count
+    _check_validation(splits, prefix)
+    summary = {
+        "source": str(prefix),
+        "tokenizer": str(tokenizer_file),
+        "vocab_size": tokenizer.get_vocab_size(),
+        **{f"{s}_tokens": len(t) for s, t in splits.items()},
+    }
+    eod_id = token_id(tokenizer, config.eod_token)
+    return PreparedData(splits, tokenizer, tokenizer_file, eod_id, summary)
+
+
+def _check_validation(splits: dict[str, np.ndarray], source: Path) -> None:
+    for name in ("train", "validation"):
+        if name not in splits or not len(splits[name]):
+            raise NeoxlabError(
+                f"{source} has no {name} data",
+                hint="give it more documents or change `split` (e.g. 900,100,0)",
+            )

@@ -1,0 +1,82 @@
+"""Hardware decisions: device, precision, torch.compile, and peak FLOP/s for MFU."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from neoxlab.errors import NeoxlabError
+
+# Dense bf16/fp16 tensor-core peaks, FLOP/s (DESIGN.md "Known traps").
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("T4", 65e12))
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | fp16 | bf16
+    compile: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise NeoxlabError(
+            "device cuda was requested but no CUDA GPU is available",
+            hint="use device=auto or device=cpu",
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise NeoxlabError(
+            "device mps was requested but MPS is not available",
+            hint="use device=auto or device=cpu",
+        )
+    return torch.device(requested)
+
+
+def native_bf16(device: torch.device) -> bool:
+    # is_bf16_supported() counts emulation and says True on a T4: ask for native support only.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_runtime(device: str, precision: str, compile_setting: str, notice=print) -> Runtime:
+    """`precision` is the config's request (auto | fp32 | fp16 | bf16)."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            notice(f"note: {precision} requested but running on {dev.type}: training in fp32")
+        chosen = "fp32"
+    elif precision == "auto":
+        chosen = "bf16" if native_bf16(dev) else "fp16"
+    elif precision == "bf16" and not native_bf16(dev):
+        raise NeoxlabError(
+            "bf16 was requested but this GPU has no native bf16",
+            hint="use fp16 (the GradScaler handles overflow) or precision=auto",
+        )
+    else:
+        chosen = precision
+    if compile_setting == "auto":
+        # Triton targets sm >= 8.0; older GPUs (T4, V100) and CPUs run eagerly by default.
+        use_compile = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8
+    else:
+        use_compile = compile_setting == "true"
+    return Runtime(dev, chosen, use_compile)

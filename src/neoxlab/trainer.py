@@ -1,0 +1,392 @@
+"""The one training loop, used by the CLI, the notebooks and clusters alike."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from neoxlab import __version__
+from neoxlab.checkpoint import (
+    latest_checkpoint,
+    load_model_state,
+    load_training_state,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
+from neoxlab.config import Config, model_config, padded_vocab_size, save_config
+from neoxlab.data.batches import WindowSampler
+from neoxlab.data.prepare import PreparedData, prepare_data
+from neoxlab.errors import NeoxlabError
+from neoxlab.evaluate import evaluate
+from neoxlab.model import GPTNeoX
+from neoxlab.optim import build_optimizer, lr_at
+from neoxlab.runtime import Runtime, resolve_runtime
+from neoxlab.tokenizer import encode, save_tokenizer
+from neoxlab.tracking import MetricsLog, Progress, new_run_dir
+
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 200
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    best_val_loss: float | None
+    last_eval: dict[str, float]
+    finished: bool  # False when exit-interval stopped the run early
+
+
+def checkpoint_root(config: Config, run_dir: Path) -> Path | None:
+    """Where checkpoints go: `save` resolved inside the run directory (None: not saving)."""
+    if not config.save:
+        return None
+    return run_dir / config.save
+
+
+def sample_text(
+    model: GPTNeoX,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    eod_id: int,
+    device: torch.device,
+    seed: int,
+) -> str:
+    """A short sample for the run log (fixed seed, so samples along a run are comparable)."""
+    ids = encode(tokenizer, prompt) or [eod_id]
+    ids = ids[-model.config.max_position_embeddings :]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    new_ids = [
+        int(token[0])
+        for token in model.generate(
+            prompt_ids,
+            max_new_tokens,
+            temperature=SAMPLE_TEMPERATURE,
+            top_k=SAMPLE_TOP_K,
+            eos_token_id=eod_id,
+            generator=generator,
+        )
+    ]
+    model.train(was_training)
+    return prompt + tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def build_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
+    vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
+    return GPTNeoX(model_config(config, vocab)).to(device)
+
+
+def _scaler(config: Config, runtime: Runtime) -> torch.amp.GradScaler:
+    fp16 = config.fp16
+    static = fp16["loss_scale"] > 0
+    return torch.amp.GradScaler(
+        runtime.device.type,
+        enabled=runtime.precision == "fp16",
+        init_scale=fp16["loss_scale"] if static else 2.0 ** fp16["initial_scale_power"],
+        # A static loss scale (gpt-neox `loss_scale` > 0) never grows.
+        growth_interval=2**31 - 1 if static else fp16["loss_scale_window"],
+    )
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Holds the state of one run; `run()` trains until train-iters or exit-interval."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_files: Sequence[str | Path] = (),
+        resume: Path | None = None,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.config_files = [str(p) for p in config_files]
+        self.log = log
+        self.show_progress = progress
+        self.runtime = resolve_runtime(
+            config.device, config.requested_precision(), config.compile, notice=log
+        )
+        self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(1)
+        torch.manual_seed(config.seed)
+        self.data: PreparedData = prepare_data(config, log)
+        self.model = build_model(config, self.data.tokenizer, self.runtime.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scaler = _scaler(config, self.runtime)
+        self.step = 0
+        self.tokens = 0
+        self.best_val_loss: float | None = None
+        self.elapsed = 0.0
+        self.skipped_steps = 0
+        if resume is not None:
+            self.run_dir = resume
+            self._resume()
+        else:
+            self.run_dir = new_run_dir(config.run_name)
+        self.train_sampler = WindowSampler(
+            self.data.splits["train"], config.seq_length, config.seed, "train"
+        )
+        self.val_sampler = WindowSampler(
+            self.data.splits["validation"], config.seq_length, config.seed, "validation"
+        )
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        root = checkpoint_root(self.config, self.run_dir)
+        checkpoint = latest_checkpoint(root) if root else None
+        if checkpoint is None:
+            raise NeoxlabError(
+                f"run {self.run_dir} has no checkpoint to resume from",
+                hint="start a new run, or check the run's `save` folder",
+            )
+        state = read_state(checkpoint)
+        load_model_state(self.model, load_weights(checkpoint), checkpoint)
+        training = load_training_state(checkpoint)
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scaler.load_state_dict(training["scaler"])
+        _restore_rng(training["rng"], self.runtime.device)
+        self.step = state["step"]
+        self.tokens = state["tokens"]
+        self.best_val_loss = state.get("best_val_loss")
+        self.elapsed = state.get("elapsed_seconds", 0.0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        previous_iters = state["config"].get("train-iters")
+        if previous_iters != self.config.train_iters:
+            self.log(
+                f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
+            )
+        self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
+
+    # ---- pieces of the loop ---------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "best_val_loss": self.best_val_loss,
+            "elapsed_seconds": self.elapsed,
+            "skipped_steps": self.skipped_steps,
+            "seed": self.config.seed,
+            "config": self.config.to_dict(),
+            "config_files": self.config_files,
+            "neoxlab_version": __version__,
+            "tokenizer_vocab_size": self.data.tokenizer.get_vocab_size(),
+        }
+
+    def save(self) -> Path | None:
+        root = checkpoint_root(self.config, self.run_dir)
+        if root is None:
+            return None
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.runtime.device),
+        }
+        return save_checkpoint(
+            root,
+            self.step,
+            self.model,
+            training_state,
+            self._state(),
+            self.data.tokenizer_file,
+            self.config.keep_last_n_checkpoints,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        result = evaluate(
+            self.model, self.val_sampler, self.config.eval_iters, self.micro_batch, self.runtime
+        )
+        if self.best_val_loss is None or result["loss"] < self.best_val_loss:
+            self.best_val_loss = result["loss"]
+        return result
+
+    def _sample(self) -> str | None:
+        if not self.config.sample_tokens:
+            return None
+        text = sample_text(
+            self.model,
+            self.data.tokenizer,
+            self.config.sample_prompt,
+            self.config.sample_tokens,
+            self.data.eod_id,
+            self.runtime.device,
+            self.config.seed,
+        )
+        samples = self.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        (samples / f"step_{self.step:07d}.txt").write_text(text, encoding="utf-8")
+        return text
+
+    def _write_run_files(self) -> None:
+        save_config(self.config, self.run_dir / "config.yml")
+        save_tokenizer(
+            self.data.tokenizer,
+            self.run_dir,
+            eod_token=self.config.eod_token,
+            pad_token=self.config.pad_token,
+            model_max_length=self.config.context_length,
+        )
+
+    def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm)."""
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        windows = self.train_sampler.windows(self.step, self.global_batch)
+        windows = windows.to(self.runtime.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        for index in range(self.accumulation):
+            chunk = windows[index * self.micro_batch : (index + 1) * self.micro_batch]
+            with self.runtime.autocast():
+                _, loss = model(chunk[:, :-1], chunk[:, 1:])
+            self.scaler.scale(loss / self.accumulation).backward()
+            loss_sum += loss.detach().float()
+        loss = loss_sum / self.accumulation
+        if self.runtime.precision != "fp16" and not torch.isfinite(loss):
+            self._diverged(float(loss))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.gradient_clipping or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            if self.scaler.get_scale() < scale_before:
+                self.skipped_steps += 1  # overflow: the scaler skipped this step
+            if self.scaler.get_scale() < self.config.fp16["min_loss_scale"]:
+                self._diverged(float(loss), reason="the fp16 loss scale fell below min-loss-scale")
+        return loss, grad_norm
+
+    def _diverged(self, loss: float, reason: str = "the loss became non-finite") -> None:
+        root = checkpoint_root(self.config, self.run_dir)
+        last = latest_checkpoint(root) if root else None
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved"
+        raise NeoxlabError(
+            f"training stopped at step {self.step + 1}: {reason} ({loss}); {where}",
+            hint="lower lr, raise warmup or gradient-clipping, then resume or restart",
+        )
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        config = self.config
+        self._write_run_files()
+        resumed = self.step > 0
+        metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None
+        )
+        model = torch.compile(self.model) if self.runtime.compile else self.model
+        end = min(config.train_iters, config.exit_interval or config.train_iters)
+        flops_per_token = self.model.flops_per_token(config.seq_length)
+        peak = self.runtime.peak_flops()
+        self.log(
+            f"run {self.run_dir} | {self.model.num_parameters():,} parameters | "
+            f"{self.runtime.device.type} {self.runtime.precision}"
+            f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
+            f"{config.seq_length} tokens ({self.accumulation} micro-batches of {self.micro_batch})"
+        )
+        last_eval: dict[str, float] = {}
+        if not resumed and self.step < end:
+            last_eval = self._eval_and_log(metrics, progress=None)
+
+        progress = Progress(end, self.step, enabled=self.show_progress)
+        self.model.train()
+        train_loss: float | None = None
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < end:
+                loss, grad_norm = self._train_step(model)
+                self.step += 1
+                step_tokens = self.global_batch * config.seq_length
+                self.tokens += step_tokens
+                window_tokens += step_tokens
+                progress.advance()
+                last_step = self.step == end
+                if self.step % config.log_interval == 0 or self.step == 1 or last_step:
+                    train_loss = float(loss)  # the only host sync: once per log interval
+                    seconds = time.perf_counter() - window_start
+                    self.elapsed += seconds
+                    tokens_per_second = window_tokens / max(seconds, 1e-9)
+                    record = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "train/loss": train_loss,
+                        "train/lr": lr_at(self.step - 1, config),
+                        "train/grad_norm": float(grad_norm),
+                        "train/tokens_per_second": tokens_per_second,
+                        "train/skipped_steps": self.skipped_steps,
+                    }
+                    if peak:
+                        record["train/mfu"] = flops_per_token * tokens_per_second / peak
+                    metrics.write(record)
+                    progress.show(train_loss, record["train/lr"], tokens_per_second)
+                    window_start, window_tokens = time.perf_counter(), 0
+                pause_start = time.perf_counter()
+                if self.step % config.eval_interval == 0 or self.step == config.train_iters:
+                    last_eval = self._eval_and_log(metrics, progress)
+                if config.save and (self.step % config.save_interval == 0 or last_step):
+                    path = self.save()
+                    progress.write(f"saved checkpoint {path}")
+                # Evaluation and checkpointing are not training time: keep them out of tokens/s.
+                window_start += time.perf_counter() - pause_start
+        finally:
+            progress.close()
+            metrics.close()
+        finished = self.step >= config.train_iters
+        return TrainResult(
+            self.run_dir, self.step, train_loss, self.best_val_loss, last_eval, finished
+        )
+
+    def _eval_and_log(self, metrics: MetricsLog, progress: Progress | None) -> dict[str, float]:
+        result = self.evaluate()
+        metrics.write(
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "val/loss": result["loss"],
+                "val/ppl": result["ppl"],
+                "val/acc": result["acc"],
+            }
+        )
+        write = progress.write if progress else self.log
+        write(
+            f"step {self.step}: val loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
+            f"acc {result['acc']:.3f}"
+        )
+        sample = self._sample()
+        if sample is not None:
+            write(f"--- sample at step {self.step} ---\n{sample}\n---")
+        return result
+
+
+def train(config: Config, **kwargs: Any) -> TrainResult:
+    """Build a Trainer and run it (see Trainer for the keyword arguments)."""
+    return Trainer(config, **kwargs).run()

@@ -1,0 +1,143 @@
+"""The command line, in-process through cli.main (plus one real subprocess)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_config import SEED_YAML
+
+from neoxlab.cli import main
+
+
+def trained_run(tiny_overrides, capsys) -> Path:
+    assert main(["train", *tiny_overrides, "--name", "cli", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best val loss" in out
+    return next((Path.cwd() / "runs").glob("cli-*"))
+
+
+def test_seed_yaml_trains_from_another_directory(tmp_path, monkeypatch, capsys):
+    """The Shakespeare seed config, verbatim, prepares its data and trains (short)."""
+    config_dir = tmp_path / "project"
+    config_dir.mkdir()
+    (config_dir / "seed.yml").write_text(SEED_YAML)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = [
+        "train",
+        str(config_dir / "seed.yml"),
+        "train-iters=20",
+        "eval-interval=10",
+        "save-interval=10",
+        "eval-iters=2",
+        "sample-tokens=16",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sample at step 20" in out
+    # data and tokenizer were prepared beside the config, the run landed in the cwd
+    assert (config_dir / "shakespeare.jsonl").is_file()
+    assert list(config_dir.glob("shakespeare.*.train.bin"))
+    run_dir = next((elsewhere / "runs").iterdir())
+    assert (run_dir / "checkpoints" / "step_0000020" / "model.safetensors").is_file()
+
+
+def test_generate_and_eval(tiny_overrides, capsys):
+    run_dir = trained_run(tiny_overrides, capsys)
+    argv = [
+        "generate",
+        str(run_dir),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
+    assert main(argv) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("ROMEO:") and len(greedy) > len("ROMEO:\n")
+    assert main(argv) == 0
+    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    sampled = [
+        "generate",
+        str(run_dir / "checkpoints" / "step_0000020"),
+        "--seed",
+        "3",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "12",
+    ]
+    assert main(sampled) == 0
+    first = capsys.readouterr().out
+    assert main(sampled) == 0
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+    assert main(["eval", str(run_dir), "--eval-iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "perplexity" in out
+
+
+def test_prompt_longer_than_context_is_exit_2(tiny_overrides, capsys):
+    run_dir = trained_run(tiny_overrides, capsys)
+    assert main(["generate", str(run_dir), "--prompt", "word " * 400]) == 2
+    err = capsys.readouterr().err
+    assert "longer than" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "missing.yml"], "does not exist"),
+        (["train"], "no config file"),
+        (["train", "hiden-size=3"], "unknown config key 'hiden-size'"),
+        (["generate", "nowhere"], "does not exist"),
+        (["eval", "."], "neither a neoxlab run"),
+        (["train", "--resume", "latest"], "no runs"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prepare_shakespeare_from_source_and_offline_error(tmp_path, monkeypatch, capsys):
+    source = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
+    assert main(["prepare", "shakespeare", "--source", str(source), "--out", "d"]) == 0
+    assert (tmp_path / "d" / "shakespeare.jsonl").is_file()
+    monkeypatch.delenv("NEOXLAB_DATA_MIRROR")
+    monkeypatch.setenv("NEOXLAB_CACHE", str(tmp_path / "empty-cache"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    assert main(["prepare", "shakespeare", "--out", "e"]) == 2
+    err = capsys.readouterr().err
+    assert "--source" in err and "NEOXLAB_DATA_MIRROR" in err
+
+
+def test_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "hidden-size" in out and "lr-decay-style" in out
+
+
+def test_python_dash_m_and_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "neoxlab", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("neoxlab ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "neoxlab", "train", "nope.yml"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
