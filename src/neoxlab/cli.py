@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     shakespeare.add_argument(
         "--out", type=Path, default=Path("data"), help="output folder (default: data/)"
     )
+    shakespeare.set_defaults(handler=_cmd_prepare_shakespeare)
 
     train = commands.add_parser(
         "train",
@@ -79,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a run directory (or `latest`)")
     train.add_argument("--name", help="run name (default: adjective_scientist)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="validation loss, perplexity and accuracy")
     evaluate.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    evaluate.set_defaults(handler=_cmd_eval)
 
     generate = commands.add_parser("generate", help="generate text from a trained model")
     generate.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None, help="seed for sampling")
     generate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    generate.set_defaults(handler=_cmd_generate)
     return parser
 
 
@@ -103,7 +107,7 @@ def _split_train_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def _cmd_prepare_shakespeare(args: argparse.Namespace) -> int:
     from neoxlab.data.corpora import fetch_shakespeare, write_shakespeare_jsonl
     from neoxlab.tokenizer import read_text
 
@@ -211,18 +215,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "prepare": _cmd_prepare,
-    "train": _cmd_train,
-    "eval": _cmd_eval,
-    "generate": _cmd_generate,
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except NeoxlabError as err:
         message = f"error: {err.message}"
         if err.hint:

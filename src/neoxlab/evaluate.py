@@ -7,13 +7,13 @@ import math
 import torch
 from torch import nn
 
-from neoxlab.data.batches import EVAL_STREAM, WindowSampler
+from neoxlab.data.batches import EVAL_STREAM, IGNORE_INDEX, Sampler
 from neoxlab.runtime import Runtime
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, sampler: WindowSampler, iters: int, batch_size: int, runtime: Runtime
+    model: nn.Module, sampler: Sampler, iters: int, batch_size: int, runtime: Runtime
 ) -> dict[str, float]:
     """Mean token loss, perplexity and accuracy over `iters` batches.
 
@@ -26,13 +26,14 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     count = 0
     for index in range(iters):
-        windows = sampler.windows(index, batch_size, stream=EVAL_STREAM).to(runtime.device)
-        inputs, targets = windows[:, :-1], windows[:, 1:]
+        batch = sampler.batch(index, batch_size, stream=EVAL_STREAM).to(runtime.device)
         with runtime.autocast():
-            logits, loss = model(inputs, targets)
-        total_loss += loss.double() * targets.numel()
-        correct += (logits.argmax(dim=-1) == targets).sum()
-        count += targets.numel()
+            logits, loss = model(batch.inputs, batch.targets, **batch.model_kwargs())
+        counted = batch.targets != IGNORE_INDEX
+        tokens = int(counted.sum())
+        total_loss += loss.double() * tokens
+        correct += ((logits.argmax(dim=-1) == batch.targets) & counted).sum()
+        count += tokens
     model.train(was_training)
     loss = total_loss.item() / count
     return {

@@ -135,6 +135,27 @@ class MetricsLog:
         self._handle.close()
 
 
+class Tracker:
+    """Fans a run's metrics out to its sinks: metrics.jsonl always."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.run_dir = run_dir
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record with `step` and `tokens`: train/* at log steps, val/* at evaluations."""
+        self.metrics.write(record)
+
+    def log_sample(self, step: int, text: str) -> None:
+        samples = self.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        (samples / f"step_{step:07d}.txt").write_text(text, encoding="utf-8")
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        """End of the run (also after an early exit): `summary` holds best val loss etc."""
+        self.metrics.close()
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

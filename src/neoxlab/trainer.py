@@ -30,7 +30,7 @@ from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, lr_at
 from neoxlab.runtime import Runtime, resolve_runtime
 from neoxlab.tokenizer import encode, save_tokenizer
-from neoxlab.tracking import MetricsLog, Progress, new_run_dir
+from neoxlab.tracking import Progress, Tracker, new_run_dir
 
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 200
@@ -230,7 +230,7 @@ class Trainer:
     def _sample(self) -> str | None:
         if not self.config.sample_tokens:
             return None
-        text = sample_text(
+        return sample_text(
             self.model,
             self.data.tokenizer,
             self.config.sample_prompt,
@@ -239,10 +239,6 @@ class Trainer:
             self.runtime.device,
             self.config.seed,
         )
-        samples = self.run_dir / "samples"
-        samples.mkdir(exist_ok=True)
-        (samples / f"step_{self.step:07d}.txt").write_text(text, encoding="utf-8")
-        return text
 
     def _write_run_files(self) -> None:
         save_config(self.config, self.run_dir / "config.yml")
@@ -259,13 +255,12 @@ class Trainer:
         lr = lr_at(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        windows = self.train_sampler.windows(self.step, self.global_batch)
-        windows = windows.to(self.runtime.device, non_blocking=True)
+        batch = self.train_sampler.batch(self.step, self.global_batch).to(self.runtime.device)
         loss_sum = torch.zeros((), device=self.runtime.device)
         for index in range(self.accumulation):
-            chunk = windows[index * self.micro_batch : (index + 1) * self.micro_batch]
+            micro = batch.rows(index * self.micro_batch, (index + 1) * self.micro_batch)
             with self.runtime.autocast():
-                _, loss = model(chunk[:, :-1], chunk[:, 1:])
+                _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
             self.scaler.scale(loss / self.accumulation).backward()
             loss_sum += loss.detach().float()
         loss = loss_sum / self.accumulation
@@ -300,9 +295,7 @@ class Trainer:
         config = self.config
         self._write_run_files()
         resumed = self.step > 0
-        metrics = MetricsLog(
-            self.run_dir / "metrics.jsonl", resume_step=self.step if resumed else None
-        )
+        tracker = Tracker(self.run_dir, resume_step=self.step if resumed else None)
         model = torch.compile(self.model) if self.runtime.compile else self.model
         end = min(config.train_iters, config.exit_interval or config.train_iters)
         flops_per_token = self.model.flops_per_token(config.seq_length)
@@ -315,11 +308,12 @@ class Trainer:
         )
         last_eval: dict[str, float] = {}
         if not resumed and self.step < end:
-            last_eval = self._eval_and_log(metrics, progress=None)
+            last_eval = self._eval_and_log(tracker, progress=None)
 
         progress = Progress(end, self.step, enabled=self.show_progress)
         self.model.train()
         train_loss: float | None = None
+        checkpoint: Path | None = None
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < end:
@@ -346,28 +340,35 @@ class Trainer:
                     }
                     if peak:
                         record["train/mfu"] = flops_per_token * tokens_per_second / peak
-                    metrics.write(record)
+                    tracker.log(record)
                     progress.show(train_loss, record["train/lr"], tokens_per_second)
                     window_start, window_tokens = time.perf_counter(), 0
                 pause_start = time.perf_counter()
                 if self.step % config.eval_interval == 0 or self.step == config.train_iters:
-                    last_eval = self._eval_and_log(metrics, progress)
+                    last_eval = self._eval_and_log(tracker, progress)
                 if config.save and (self.step % config.save_interval == 0 or last_step):
-                    path = self.save()
-                    progress.write(f"saved checkpoint {path}")
+                    checkpoint = self.save()
+                    progress.write(f"saved checkpoint {checkpoint}")
                 # Evaluation and checkpointing are not training time: keep them out of tokens/s.
                 window_start += time.perf_counter() - pause_start
         finally:
             progress.close()
-            metrics.close()
+            summary = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "train/loss": train_loss,
+                "best_val_loss": self.best_val_loss,
+                "train_seconds": self.elapsed,
+            }
+            tracker.finish(summary, checkpoint)
         finished = self.step >= config.train_iters
         return TrainResult(
             self.run_dir, self.step, train_loss, self.best_val_loss, last_eval, finished
         )
 
-    def _eval_and_log(self, metrics: MetricsLog, progress: Progress | None) -> dict[str, float]:
+    def _eval_and_log(self, tracker: Tracker, progress: Progress | None) -> dict[str, float]:
         result = self.evaluate()
-        metrics.write(
+        tracker.log(
             {
                 "step": self.step,
                 "tokens": self.tokens,
@@ -383,6 +384,7 @@ class Trainer:
         )
         sample = self._sample()
         if sample is not None:
+            tracker.log_sample(self.step, sample)
             write(f"--- sample at step {self.step} ---\n{sample}\n---")
         return result
 
