@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,15 @@ def latest_checkpoint(root: Path) -> Path | None:
 def save_checkpoint(
     root: Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     training_state: dict[str, Any],
     state: dict[str, Any],
     tokenizer_file: Path,
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`."""
+    """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`.
+
+    `model` is the module or its full state dict (what a sharded run gathers on rank 0)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}{TMP_MARKER}{os.getpid()}"
@@ -74,7 +77,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        state_dict = model if isinstance(model, Mapping) else model.state_dict()
+        weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
         torch.save(training_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -140,6 +144,12 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_model_state(model: nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
     """Copy weights into `model`, turning shape/name mismatches into one clear error."""
+    check_model_state(model, weights, origin)
+    model.load_state_dict(weights)
+
+
+def check_model_state(model: nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
+    """Names and shapes of `weights` against `model` (global shapes, also when sharded)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -156,7 +166,6 @@ def load_model_state(model: nn.Module, weights: dict[str, torch.Tensor], origin:
                 f"{tuple(expected[name].shape)}",
                 hint="the checkpoint comes from a different model shape or tokenizer",
             )
-    model.load_state_dict(weights)
 
 
 @dataclass
@@ -170,10 +179,15 @@ class TrainedModel:
     state: dict[str, Any]
 
 
+def is_hf_directory(path: Path) -> bool:
+    """A Hugging Face model folder (config.json), as transformers' save_pretrained writes."""
+    return (path / "config.json").is_file() and not (path / "state.json").is_file()
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run directory (-> its newest checkpoint)."""
+    """A checkpoint folder or Hugging Face folder, or a run directory (-> newest checkpoint)."""
     path = path.expanduser()
-    if (path / "state.json").is_file():
+    if (path / "state.json").is_file() or is_hf_directory(path):
         return path
     config_file = path / "config.yml"
     if config_file.is_file():
@@ -188,16 +202,28 @@ def resolve_checkpoint(path: Path) -> Path:
         return checkpoint
     if not path.exists():
         raise NeoxlabError(f"{path} does not exist")
-    raise NeoxlabError(f"{path} is neither a neoxlab run directory nor a checkpoint folder")
+    raise NeoxlabError(
+        f"{path} is neither a neoxlab run directory, a checkpoint folder, "
+        "nor a Hugging Face model folder (config.json)"
+    )
 
 
 def load_trained(path: Path, device: torch.device) -> TrainedModel:
     checkpoint = resolve_checkpoint(path)
+    if is_hf_directory(checkpoint):
+        from neoxlab.hf import load_hf_model  # hf.py builds on this module
+
+        return load_hf_model(checkpoint, device)
     state = read_state(checkpoint)
     config = config_from_dict(state["config"])
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    weights = load_weights(checkpoint)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
+    embedding = weights.get("gpt_neox.embed_in.weight")
+    if config.init_from and embedding is not None:
+        # a model started from another keeps its embedding rows (Pythia: 50304 for 50277 tokens)
+        vocab = embedding.shape[0]
     model = GPTNeoX(model_config(config, vocab))
-    load_model_state(model, load_weights(checkpoint), checkpoint)
+    load_model_state(model, weights, checkpoint)
     model.to(device).eval()
     return TrainedModel(model, tokenizer, config, checkpoint, state)

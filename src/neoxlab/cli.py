@@ -1,4 +1,4 @@
-"""`neoxlab prepare | train | eval | generate`: the command line.
+"""`neoxlab prepare | train | eval | generate | export`: the command line.
 
 User mistakes raise NeoxlabError anywhere below; `main` prints them as one line on stderr and
 returns exit code 2, with no traceback.
@@ -11,11 +11,16 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from neoxlab import __version__
 from neoxlab.errors import NeoxlabError
+
+if TYPE_CHECKING:
+    from neoxlab.checkpoint import TrainedModel
+    from neoxlab.config import Config
 
 EXIT_USER_ERROR = 2
 
@@ -66,6 +71,105 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shakespeare.set_defaults(handler=_cmd_prepare_shakespeare)
 
+    stdlib = corpora.add_parser(
+        "python-stdlib",
+        help="this Python's standard library -> python_stdlib.jsonl (offline code corpus)",
+        description=(
+            "Write the running interpreter's standard library (PSF licence; site-packages "
+            "skipped) as one jsonl record per .py file, split train/validation/test by a hash "
+            "of the file's path, with a report of what was kept and dropped."
+        ),
+    )
+    code = corpora.add_parser(
+        "code",
+        help="a folder of .py files, a jsonl or a Hugging Face dataset -> NAME_code.jsonl",
+        description=(
+            "Clean code and write one jsonl record per file (or record), split by a hash of the "
+            "path (folders) or the text (records), with a report of what was kept and dropped."
+        ),
+    )
+    code.add_argument("source", nargs="?", type=Path, metavar="DIR_OR_JSONL")
+    code.add_argument("--field", default="text", help="the record field holding the code")
+    code.add_argument(
+        "--hf",
+        metavar="DATASET",
+        help="Hugging Face dataset: a Hub name, hf://...parquet or a local .parquet "
+        '(needs pip install "neoxlab[data]")',
+    )
+    code.add_argument("--hf-config", help="the dataset's configuration (e.g. python)")
+    code.add_argument("--hf-split", default="train", help="the dataset's split to read")
+    for command in (stdlib, code):
+        command.add_argument(
+            "--out", type=Path, default=Path("data"), help="output folder (default: data/)"
+        )
+        command.add_argument(
+            "--include-tests", action="store_true", help="keep test files and test folders"
+        )
+        command.add_argument("--max-files", type=int, help="stop after N files (quick runs)")
+        command.add_argument(
+            "--max-file-bytes",
+            type=int,
+            default=1_000_000,
+            help="drop larger files (default 1,000,000)",
+        )
+        command.add_argument("--split", default="900,100,0", help="train,validation,test weights")
+    stdlib.set_defaults(handler=_cmd_prepare_python_stdlib)
+    code.set_defaults(handler=_cmd_prepare_code)
+
+    jsonl = corpora.add_parser(
+        "jsonl",
+        help="jsonl / .jsonl.gz / .jsonl.zst files or folders -> one GPT-NeoX .bin/.idx",
+        description=(
+            "Tokenize every record's text (streamed, in parallel) into "
+            "PREFIX_{text-key}_document.bin/.idx, the files gpt-neox's preprocess_data.py writes."
+        ),
+    )
+    jsonl.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of them")
+    jsonl.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. GPT-NeoX-20B's)")
+    jsonl.add_argument("--out", required=True, metavar="PREFIX", help="output prefix")
+    jsonl.add_argument("--text-key", default="text", help="the record key holding the text")
+    jsonl.add_argument(
+        "--no-append-eod",
+        dest="append_eod",
+        action="store_false",
+        help="do not end each document with the end-of-document token",
+    )
+    jsonl.add_argument("--eod-token", default="<|endoftext|>", help="end-of-document token")
+    jsonl.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (1: threads in this one)"
+    )
+    jsonl.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a bad line (invalid JSON, missing key) fails the run or is reported and skipped",
+    )
+    jsonl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    jsonl.set_defaults(handler=_cmd_prepare_jsonl)
+    chat = corpora.add_parser(
+        "chat",
+        help="tokenize User/Agent transcripts (.txt) or messages (.jsonl) for chat finetuning",
+        description=(
+            "Tokenize chat examples with the model's tokenizer, mask what is not learned, drop "
+            "examples longer than --seq-length (and say how many), split train/validation and "
+            "write <stem>.<hash>.chat/ (the folder `data-format: chat` training reads)."
+        ),
+    )
+    chat.add_argument("source", type=Path, metavar="FILE")
+    chat.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="the model's tokenizer: a Hugging Face folder, a neoxlab run, or a tokenizer.json",
+    )
+    chat.add_argument("--out", type=Path, help="folder to write into (default: beside FILE)")
+    chat.add_argument("--seq-length", type=int, default=280, help="longest example kept (tokens)")
+    chat.add_argument("--user-name", default="User", help="speaker name of the user turns")
+    chat.add_argument("--agent-name", default="Agent", help="speaker name of the replies")
+    chat.add_argument("--train-on-prompt", action="store_true", help="learn user turns too")
+    chat.add_argument("--split", default="900,100,0", help="train,validation,test weights")
+    chat.set_defaults(handler=_cmd_prepare_chat)
+
     train = commands.add_parser(
         "train",
         help="train a model from one or more config files",
@@ -80,16 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a run directory (or `latest`)")
     train.add_argument("--name", help="run name (default: adjective_scientist)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--wandb", action="store_true", help="log to W&B (same as use-wandb=true)")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print parameters, estimated memory, tokens per step and steps; do not train",
+    )
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="validation loss, perplexity and accuracy")
-    evaluate.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
+    evaluate = commands.add_parser(
+        "eval", help="validation loss, perplexity and accuracy (and code metrics)"
+    )
+    evaluate.add_argument("path", type=Path, metavar="RUN_CHECKPOINT_OR_HF_FOLDER")
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config keys for this evaluation, e.g. data-path=FILE seq-length=512 "
+        "(a Hugging Face folder has no data-path of its own)",
+    )
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     evaluate.set_defaults(handler=_cmd_eval)
 
     generate = commands.add_parser("generate", help="generate text from a trained model")
-    generate.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
+    generate.add_argument("path", type=Path, metavar="RUN_CHECKPOINT_OR_HF_FOLDER")
     generate.add_argument("--prompt", default="", help="text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -97,7 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None, help="seed for sampling")
     generate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    generate.add_argument(
+        "--chat", action="store_true", help="talk: read user turns from stdin, print replies"
+    )
     generate.set_defaults(handler=_cmd_generate)
+
+    export = commands.add_parser(
+        "export", help="write a run as a Hugging Face transformers GPTNeoXForCausalLM folder"
+    )
+    export.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
+    export.add_argument("--out", type=Path, required=True, help="folder to create")
+    export.set_defaults(handler=_cmd_export)
+    compare = commands.add_parser(
+        "compare",
+        help="plot and tabulate runs side by side (from their metrics.jsonl; no W&B needed)",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or `latest`)")
+    compare.add_argument(
+        "--metric",
+        action="append",
+        dest="metrics",
+        metavar="NAME",
+        help="metric to plot, e.g. val/loss, train/loss (repeatable; default val/loss)",
+    )
+    compare.add_argument(
+        "--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)"
+    )
+    compare.set_defaults(handler=_cmd_compare)
     return parser
 
 
@@ -105,6 +250,66 @@ def _split_train_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
     files = [item for item in items if "=" not in item]
     overrides = [item for item in items if "=" in item]
     return files, overrides
+
+
+def _cmd_prepare_jsonl(args: argparse.Namespace) -> int:
+    from neoxlab.data.jsonl import prepare_jsonl
+
+    result = prepare_jsonl(
+        args.inputs,
+        args.tokenizer,
+        args.out,
+        text_key=args.text_key,
+        append_eod=args.append_eod,
+        eod_token=args.eod_token,
+        workers=args.workers,
+        on_error=args.on_error,
+        progress=not args.no_progress,
+    )
+    skipped = f", {len(result.bad_lines)} bad lines skipped" if result.bad_lines else ""
+    print(
+        f"wrote {result.prefix}.bin/.idx: {result.documents:,} documents, {result.tokens:,} "
+        f"tokens from {len(result.files)} files ({result.text_bytes / 1e6:,.1f} MB in "
+        f"{result.seconds:.1f} s, {result.megabytes_per_second:.1f} MB/s; "
+        f"{result.empty} empty texts skipped{skipped})"
+    )
+    print(f"next: neoxlab train CONFIG data-path={result.prefix} vocab-file={args.tokenizer}")
+    return 0
+
+
+def _cmd_prepare_python_stdlib(args: argparse.Namespace) -> int:
+    from neoxlab.data.corpora import prepare_python_stdlib
+
+    report = prepare_python_stdlib(
+        args.out,
+        include_tests=args.include_tests,
+        max_files=args.max_files,
+        max_file_bytes=args.max_file_bytes,
+        split=args.split,
+    )
+    print(report.describe())
+    print("next: neoxlab train configs/code_completion.yml")
+    return 0
+
+
+def _cmd_prepare_code(args: argparse.Namespace) -> int:
+    from neoxlab.data.corpora import prepare_code
+
+    report = prepare_code(
+        args.source,
+        args.out,
+        text_field=args.field,
+        hf=args.hf,
+        hf_config=args.hf_config,
+        hf_split=args.hf_split,
+        include_tests=args.include_tests,
+        max_files=args.max_files,
+        max_file_bytes=args.max_file_bytes,
+        split=args.split,
+    )
+    print(report.describe())
+    print(f"next: neoxlab train configs/code_completion.yml data-path={report.out}")
+    return 0
 
 
 def _cmd_prepare_shakespeare(args: argparse.Namespace) -> int:
@@ -120,20 +325,37 @@ def _cmd_prepare_shakespeare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from neoxlab import distributed
     from neoxlab.config import load_config
     from neoxlab.tracking import find_run
     from neoxlab.trainer import train
 
+    # Under torchrun every rank runs this; only rank 0 prints.
+    is_main = distributed.world_from_environment().is_main
     files, overrides = _split_train_items(args.items)
     resume = find_run(args.resume) if args.resume else None
     if not files and not overrides and resume is None:
         raise NeoxlabError("no config file given", hint="neoxlab train configs/shakespeare.yml")
     if args.name:
         overrides.append(f"run-name={args.name}")
+    if args.wandb:
+        overrides.append("use-wandb=true")
     if not files and resume is not None:
         files = [str(resume / "config.yml")]
-    config = load_config(files, overrides)
-    result = train(config, config_files=files, resume=resume, progress=not args.no_progress)
+    config = load_config(files, overrides, notice=None if is_main else lambda _: None)
+    if resume is None and config.load:
+        resume = _run_to_load(config.load, is_main)
+    if args.dry_run:
+        from neoxlab.memory import describe
+
+        print("\n".join(describe(config).lines()))
+        return 0
+    try:
+        result = train(config, config_files=files, resume=resume, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if not is_main:
+        return 0
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(f"\nrun: {result.run_dir}")
     print(f"step {result.step} | best val loss {best}")
@@ -146,30 +368,100 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_to_load(load: str, is_main: bool) -> Path | None:
+    """gpt-neox's `load`: continue that run when it has a checkpoint, else start a new run."""
+    from neoxlab.checkpoint import latest_checkpoint
+    from neoxlab.config import config_from_dict, read_yaml
+    from neoxlab.tracking import RUNS_DIR, find_run
+
+    if load == "latest":
+        exists = any((Path.cwd() / RUNS_DIR).glob("*/config.yml"))
+    else:
+        exists = Path(load).expanduser().exists()
+    run = None
+    if exists:
+        run = find_run(load)
+        saved = config_from_dict(read_yaml(run / "config.yml"))
+        if not saved.save or latest_checkpoint(run / saved.save) is None:
+            run = None
+    if run is None and is_main:
+        print(f"note: load {load} has no checkpoint yet: starting a new run", file=sys.stderr)
+    return run
+
+
+def _cmd_prepare_chat(args: argparse.Namespace) -> int:
+    from neoxlab.config import Config
+    from neoxlab.data.chat import ChatOptions, describe, load_prepared_chat, prepare_chat
+    from neoxlab.tokenizer import load_tokenizer
+
+    config = Config(
+        seq_length=args.seq_length,
+        split=args.split,
+        chat_user_name=args.user_name,
+        chat_agent_name=args.agent_name,
+        train_on_prompt=args.train_on_prompt,
+    )
+    config.validate()
+    tokenizer = load_tokenizer(args.tokenizer)
+    options = ChatOptions.from_config(config)
+    folder = prepare_chat(args.source, tokenizer, options, args.out)
+    _, meta = load_prepared_chat(folder, tokenizer, options)
+    print(describe(meta))
+    print(f"wrote {folder}")
+    print(f"next: data-format: chat with data-path: {args.source} (or the folder)")
+    return 0
+
+
+def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """`config` with KEY=VALUE overrides applied."""
+    from neoxlab.config import canonical_key, config_from_dict, parse_override
+
+    values = {canonical_key(k): v for k, v in config.to_dict().items()}
+    for item in overrides:
+        values.update({canonical_key(k): v for k, v in parse_override(item).items()})
+    return config_from_dict(values)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from neoxlab.compare import compare
+    from neoxlab.tracking import find_run
+
+    runs = [find_run(spec) for spec in args.runs]
+    print(compare(runs, args.metrics or ["val/loss"], args.out))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from neoxlab.checkpoint import load_trained
-    from neoxlab.data.batches import WindowSampler
-    from neoxlab.data.prepare import prepare_data
-    from neoxlab.evaluate import evaluate
+    from neoxlab.data.prepare import build_samplers, prepare_data
+    from neoxlab.evaluate import evaluate_run, format_code_metrics
     from neoxlab.runtime import resolve_runtime
 
     runtime = resolve_runtime(args.device, "auto", "false")
     trained = load_trained(args.path, runtime.device)
-    config = trained.config
+    config = _with_overrides(trained.config, args.overrides)
     data = prepare_data(config)
     if data.tokenizer.to_str() != trained.tokenizer.to_str():
         raise NeoxlabError(
             f"the data's tokenizer {data.tokenizer_file} differs from the checkpoint's",
             hint="evaluate with the data the model was trained on",
         )
-    sampler = WindowSampler(data.splits["validation"], config.seq_length, config.seed, "validation")
+    _, sampler = build_samplers(config, data)
     iters = args.eval_iters or config.eval_iters
-    result = evaluate(trained.model, sampler, iters, config.train_micro_batch_size_per_gpu, runtime)
-    print(f"checkpoint: {trained.checkpoint} (step {trained.state['step']})")
+    batch_size = config.train_micro_batch_size_per_gpu
+    result = evaluate_run(trained.model, sampler, data, config, batch_size, runtime, iters=iters)
+    step = trained.state["step"]
+    print(f"checkpoint: {trained.checkpoint}" + (f" (step {step})" if step is not None else ""))
     print(
         f"validation loss {result['loss']:.4f} | perplexity {result['ppl']:.2f} | "
         f"next-token accuracy {result['acc']:.3f} ({iters} batches)"
     )
+    if config.code_metrics:
+        print(
+            f"code{format_code_metrics(result)} "
+            f"({config.line_completion_samples} validation lines, greedy)"
+        )
     return 0
 
 
@@ -190,6 +482,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         generator.manual_seed(args.seed)
     else:
         generator.seed()
+    if args.chat:
+        return _chat(trained, args, generator)
     prompt = torch.tensor([ids], device=runtime.device)
     stream = trained.model.generate(
         prompt,
@@ -212,6 +506,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
     sys.stdout.write(tokenizer.decode(new_ids, skip_special_tokens=True)[len(printed) :] + "\n")
+    return 0
+
+
+def _chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Generator) -> int:
+    """`generate --chat`: user turns from stdin, replies in the chat format the model learned."""
+    from neoxlab.data.chat import ChatFormat, Turn
+    from neoxlab.tokenizer import encode, token_id
+
+    config, model, tokenizer = trained.config, trained.model, trained.tokenizer
+    chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+    eod_id = token_id(tokenizer, config.eod_token)
+    context = model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    print(f"chatting with {trained.checkpoint} (end with Ctrl-D)")
+    turns: list[Turn] = []
+    while True:
+        try:
+            message = input(f"{chat.user_name}: ").strip()
+        except EOFError:
+            break
+        if not message:
+            continue
+        turns.append(Turn("user", message))
+        ids = encode(tokenizer, chat.text(turns, add_generation_prompt=True))
+        while len(ids) + args.max_new_tokens > context and len(turns) > 1:
+            turns = turns[2:]  # forget the oldest exchange once the context is full
+            ids = encode(tokenizer, chat.text(turns, add_generation_prompt=True))
+        stream = model.generate(
+            torch.tensor([ids], device=device),
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eod_id,
+            generator=generator,
+        )
+        new_ids = [int(token[0]) for token in stream]
+        reply = chat.reply(tokenizer.decode(new_ids, skip_special_tokens=True))
+        print(f"{chat.agent_name}: {reply}")
+        turns.append(Turn("agent", reply))
+    print()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from neoxlab.hf import export_hf
+
+    out = export_hf(args.path, args.out)
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from neoxlab import neox_compat
 from neoxlab.errors import NeoxlabError
 from neoxlab.model import ModelConfig
+from neoxlab.optim import OPTIMIZERS, SCHEDULES
 
 # Sections only group keys; their children are ordinary keys.
 SECTIONS = (
@@ -34,7 +37,7 @@ SECTIONS = (
 )
 
 # Keys whose value is a mapping (not a section).
-MAPPING_KEYS = ("optimizer", "fp16", "bf16")
+MAPPING_KEYS = ("optimizer", "fp16", "bf16", "zero_optimization")
 
 # Every accepted spelling -> the one canonical name that is stored.
 ALIASES = {
@@ -44,18 +47,31 @@ ALIASES = {
     "keep_last_k": "keep_last_n_checkpoints",
     "gas": "gradient_accumulation_steps",
     "layernorm_eps": "layernorm_epsilon",
+    # gpt-neox spellings
+    "checkpoint_factor": "save_interval",
+    "clip_grad": "gradient_clipping",
 }
 
 # Keys that hold file paths: relative values resolve against the folder of the file that set them
 # (or the working directory for CLI overrides).
-INPUT_PATH_KEYS = ("data_path", "vocab_file")
+INPUT_PATH_KEYS = (
+    "data_path",
+    "vocab_file",
+    "init_from",
+    "train_data_paths",
+    "valid_data_paths",
+    "test_data_paths",
+)
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
-OPTIMIZER_TYPES = ("Adam", "AdamW", "SGD")
+# The names come from optim.py's registries (optim imports config only for type hints).
+LR_DECAY_STYLES = tuple(SCHEDULES)
+OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TOKENIZER_TYPES = ("bpe", "char", "hf")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
+DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weights")
 
 FP16_DEFAULTS = {
     "enabled": False,
@@ -117,6 +133,14 @@ class Config:
     checkpoint_activations: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory", "model")
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "start from a Hugging Face GPTNeoX folder or a neoxlab run/checkpoint: its "
+            "architecture, tokenizer and weights",
+            "model",
+        ),
+    )
 
     # tokenizer
     tokenizer_type: str = field(
@@ -152,6 +176,43 @@ class Config:
     split: str = field(
         default="900,100,0", metadata=_help("train,validation,test weights by document", "data")
     )
+    data_format: str = field(
+        default="text",
+        metadata=_help("text (windows of documents) | chat (User/Agent examples)", "data"),
+    )
+    chat_user_name: str = field(
+        default="User", metadata=_help("chat: speaker name of the user turns", "data")
+    )
+    chat_agent_name: str = field(
+        default="Agent", metadata=_help("chat: speaker name of the replies learned", "data")
+    )
+    train_on_prompt: bool = field(
+        default=False, metadata=_help("chat: learn the user turns too, not only replies", "data")
+    )
+    pack_examples: bool = field(
+        default=False,
+        metadata=_help("chat: pack several examples a row instead of padding each", "data"),
+    )
+    train_data_paths: list[str] | None = field(
+        default=None,
+        metadata=_help("prepared .bin/.idx prefixes to train on, blended (not data-path)", "data"),
+    )
+    valid_data_paths: list[str] | None = field(
+        default=None, metadata=_help("prepared prefixes to validate on (train-data-paths)", "data")
+    )
+    test_data_paths: list[str] | None = field(
+        default=None, metadata=_help("prepared prefixes to test on (train-data-paths)", "data")
+    )
+    train_data_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("sampling weight of each train-data-paths entry (default: equal)", "data"),
+    )
+    valid_data_weights: list[float] | None = field(
+        default=None, metadata=_help("sampling weight of each valid-data-paths entry", "data")
+    )
+    test_data_weights: list[float] | None = field(
+        default=None, metadata=_help("sampling weight of each test-data-paths entry", "data")
+    )
 
     # training
     train_micro_batch_size_per_gpu: int = field(
@@ -175,7 +236,9 @@ class Config:
     )
     lr_decay_style: str = field(
         default="cosine",
-        metadata=_help("constant | linear | cosine (alias lr-schedule)", "training"),
+        metadata=_help(
+            "constant | linear | cosine | wsd | inverse_sqrt (alias lr-schedule)", "training"
+        ),
     )
     lr_decay_iters: int | None = field(
         default=None,
@@ -185,15 +248,30 @@ class Config:
         default=0.01,
         metadata=_help("warmup: < 1 is a fraction of lr-decay-iters, >= 1 is steps", "training"),
     )
+    wsd_decay_fraction: float = field(
+        default=0.2,
+        metadata=_help("wsd: final fraction of lr-decay-iters that decays to min-lr", "training"),
+    )
     optimizer: dict = field(
         default_factory=lambda: {"type": "Adam", "params": {}},
-        metadata=_help("{type: Adam|AdamW|SGD, params: {betas, eps, momentum, ...}}", "training"),
+        metadata=_help(
+            "{type: Adam|AdamW|SGD|Lion|Adafactor|Muon, params: {betas, eps, momentum, ...}}",
+            "training",
+        ),
     )
     weight_decay: float = field(
         default=0.0, metadata=_help("decoupled weight decay on >= 2-D weights", "training")
     )
+    weight_decay_embeddings: bool = field(
+        default=True,
+        metadata=_help("weight decay on the input embedding too (false = not)", "training"),
+    )
     gradient_clipping: float = field(
-        default=1.0, metadata=_help("clip the global gradient norm to this (0 = off)", "training")
+        default=1.0, metadata=_help("clip gradients to this norm or value (0 = off)", "training")
+    )
+    gradient_clipping_type: str = field(
+        default="norm",
+        metadata=_help("norm (global gradient norm) | value (each element)", "training"),
     )
     seed: int = field(
         default=1234, metadata=_help("seed for init, data order and dropout", "training")
@@ -216,6 +294,17 @@ class Config:
         metadata=_help("torch.compile: auto (CUDA sm >= 8.0) | true | false", "training"),
     )
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps", "training"))
+    distributed: str = field(
+        default="auto",
+        metadata=_help(
+            "under torchrun: ddp | fsdp (FSDP2 sharding) | auto (fsdp when zero stage >= 1)",
+            "training",
+        ),
+    )
+    zero_optimization: dict = field(
+        default_factory=lambda: {"stage": 0},
+        metadata=_help("gpt-neox/DeepSpeed {stage}: stage >= 1 shards with FSDP2", "training"),
+    )
 
     # evaluation
     eval_interval: int = field(default=1000, metadata=_help("evaluate every N steps", "evaluation"))
@@ -229,6 +318,17 @@ class Config:
     sample_tokens: int = field(
         default=200, metadata=_help("tokens generated for that sample (0 = none)", "evaluation")
     )
+    code_metrics: bool = field(
+        default=False,
+        metadata=_help(
+            "also bits per byte and line completion (exact match, edit similarity, BLEU)",
+            "evaluation",
+        ),
+    )
+    line_completion_samples: int = field(
+        default=64,
+        metadata=_help("validation lines completed per evaluation (code-metrics)", "evaluation"),
+    )
 
     # logging
     log_interval: int = field(
@@ -236,6 +336,39 @@ class Config:
     )
     run_name: str | None = field(
         default=None, metadata=_help("run directory name (default: adjective_scientist)", "logging")
+    )
+    use_wandb: bool = field(
+        default=False,
+        metadata=_help(
+            "log to W&B (online with an API key, else offline); also --wandb", "logging"
+        ),
+    )
+    wandb_project: str | None = field(
+        default=None,
+        metadata=_help("W&B project (default: the first config file's name)", "logging"),
+    )
+    wandb_group: str | None = field(
+        default=None, metadata=_help("W&B group, e.g. one experiment's runs", "logging")
+    )
+    wandb_entity: str | None = field(
+        default=None, metadata=_help("W&B team or user (default: your default entity)", "logging")
+    )
+    wandb_tags: list[str] | None = field(
+        default=None, metadata=_help("W&B tags (a list, or words separated by spaces)", "logging")
+    )
+    wandb_run_name: str | None = field(
+        default=None, metadata=_help("W&B run name (default: the run directory's name)", "logging")
+    )
+    use_tensorboard: bool = field(
+        default=False, metadata=_help("write TensorBoard events to tensorboard-dir", "logging")
+    )
+    tensorboard_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "TensorBoard folder inside the run directory; setting it turns TensorBoard on "
+            "(default tb with use-tensorboard)",
+            "logging",
+        ),
     )
 
     # checkpointing
@@ -254,6 +387,12 @@ class Config:
     )
     exit_interval: int | None = field(
         default=None, metadata=_help("stop (with a checkpoint) at this step", "checkpointing")
+    )
+    load: str | None = field(
+        default=None,
+        metadata=_help(
+            "run directory (or latest) to continue, as --resume; absent: a new run", "checkpointing"
+        ),
     )
 
     # ---- derived values -------------------------------------------------------------------
@@ -318,6 +457,7 @@ class Config:
             "train_iters",
             "eval_interval",
             "eval_iters",
+            "line_completion_samples",
             "log_interval",
             "save_interval",
             "make_vocab_size_divisible_by",
@@ -375,11 +515,24 @@ class Config:
         _check_choice("device", self.device, DEVICES)
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         _check_choice("compile", self.compile, ("auto", "true", "false"))
+        _check_choice("data_format", self.data_format, ("text", "chat"))
+        for name in ("chat_user_name", "chat_agent_name"):
+            value = getattr(self, name)
+            if not value.strip() or value != value.strip() or ":" in value or "\n" in value:
+                raise NeoxlabError(
+                    f"{_key(name)} must be a name without ':', newlines or outer spaces; "
+                    f"got {value!r}"
+                )
+        if self.chat_user_name == self.chat_agent_name:
+            raise NeoxlabError("chat-user-name and chat-agent-name must differ")
         _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
+        _check_choice("gradient_clipping_type", self.gradient_clipping_type, ("norm", "value"))
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise NeoxlabError(
+                f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
+            )
         if self.fp16.get("enabled") and self.bf16.get("enabled"):
             raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
-        if self.tokenizer_type == "hf" and not self.vocab_file:
-            raise NeoxlabError("tokenizer-type hf needs vocab-file (a tokenizer.json)")
         specials = self.special_tokens or ["<|endoftext|>", "<|padding|>"]
         if self.tokenizer_type == "bpe" and self.vocab_size <= len(specials):
             raise NeoxlabError(
@@ -392,7 +545,68 @@ class Config:
                 hint="add it to special-tokens or set eod-token to one of them",
             )
         parse_split(self.split)
+        self._check_tracking()
         self.batch_geometry(1)
+        _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        stage = self.zero_optimization.get("stage", 0)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+            raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        self._check_data_paths()
+
+    def _check_tracking(self) -> None:
+        # W&B rejects these only once a run starts: catch them before training does.
+        project = self.wandb_project
+        if project is not None and (
+            not project.strip() or len(project) > 128 or any(c in project for c in "/\\#?%:")
+        ):
+            raise NeoxlabError(
+                f"wandb-project {project!r} is not a valid W&B project name",
+                hint="use up to 128 letters, digits, '-', '_' or '.'",
+            )
+        for tag in self.wandb_tags or []:
+            if not 0 < len(tag) <= 64:
+                raise NeoxlabError(
+                    f"wandb-tags: each tag must have 1 to 64 characters; got {tag!r}"
+                )
+        for name in ("wandb_group", "wandb_entity", "wandb_run_name", "tensorboard_dir"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise NeoxlabError(f"{_key(name)} must not be empty")
+
+    def _check_data_paths(self) -> None:
+        if self.train_data_paths is None:
+            for name in ("valid_data_paths", "test_data_paths", *DATA_WEIGHT_KEYS):
+                if getattr(self, name) is not None:
+                    raise NeoxlabError(f"{_key(name)} is set but train-data-paths is not")
+            return
+        if self.data_path:
+            raise NeoxlabError(
+                "data-path and train-data-paths are both set",
+                hint="use data-path (split by `split`) or train/valid/test-data-paths, not both",
+            )
+        if not self.train_data_paths or not self.valid_data_paths:
+            raise NeoxlabError(
+                "train-data-paths needs valid-data-paths (each a non-empty list of prefixes)"
+            )
+        for split in ("train", "valid", "test"):
+            paths = getattr(self, f"{split}_data_paths")
+            weights = getattr(self, f"{split}_data_weights")
+            if weights is None:
+                continue
+            if paths is None or len(weights) != len(paths):
+                raise NeoxlabError(
+                    f"{split}-data-weights has {len(weights)} entries for "
+                    f"{len(paths or [])} {split}-data-paths",
+                    hint="give one weight per path",
+                )
+            if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+                raise NeoxlabError(f"{split}-data-weights must be non-negative with a positive sum")
+
+    def distributed_mode(self) -> str:
+        """ddp or fsdp: how a multi-process run shares work (ZeRO stage >= 1 means sharding)."""
+        if self.distributed != "auto":
+            return self.distributed
+        return "fsdp" if self.zero_optimization.get("stage", 0) >= 1 else "ddp"
 
 
 def parse_split(split: str) -> tuple[float, float, float]:
@@ -456,10 +670,14 @@ def _normalise_mapping(value: Any, key: str, origin: str) -> dict:
     return {canonical_key(k): v for k, v in value.items()}
 
 
-def flatten_layer(raw: dict, origin: str, base_dir: Path | None) -> dict[str, Any]:
+def flatten_layer(
+    raw: dict, origin: str, base_dir: Path | None, ignored: list[str] | None = None
+) -> dict[str, Any]:
     """One file's (or the CLI's) keys -> {canonical key: value}, sections flattened.
 
-    `base_dir` resolves relative input paths (None: leave them as written).
+    `base_dir` resolves relative input paths (None: leave them as written). gpt-neox keys are
+    translated; those that only steer DeepSpeed/Megatron internals are dropped and appended to
+    `ignored` (the caller reports them).
     """
     if not isinstance(raw, dict):
         raise NeoxlabError(f"{origin} must hold a mapping of config keys, got {type(raw).__name__}")
@@ -504,14 +722,36 @@ def flatten_layer(raw: dict, origin: str, base_dir: Path | None) -> dict[str, An
             flat[key] = _normalise_mapping(flat[key], key, origin)
     _lift_optimizer_params(flat, origin)
 
+    dropped: list[str] = []
+    for key in list(flat):
+        if key in neox_compat.TRANSLATED_KEYS:
+            for new_key, new_value in neox_compat.translate(key, flat.pop(key), origin).items():
+                put(new_key, new_value)
+        elif key in neox_compat.UNUSED_KEYS and key not in FIELDS:
+            flat.pop(key)
+            dropped.append(key)
+    if isinstance(flat.get("zero_optimization"), dict):
+        zero = flat["zero_optimization"]
+        dropped += [f"zero_optimization.{k}" for k in zero if k != "stage"]
+        flat["zero_optimization"] = {k: v for k, v in zero.items() if k == "stage"}
+    if ignored is not None:
+        ignored += dropped
+
     for key in flat:
-        if key not in FIELDS:
+        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
             raise _unknown_key(key, origin)
+        flat[key] = neox_compat.translate_value(key, flat[key])
     if base_dir is not None:
         for key in INPUT_PATH_KEYS:
             if isinstance(flat.get(key), str) and flat[key]:
-                flat[key] = str((base_dir / Path(flat[key]).expanduser()).resolve())
+                flat[key] = _resolve(base_dir, flat[key])
+            elif isinstance(flat.get(key), list):
+                flat[key] = [_resolve(base_dir, v) if isinstance(v, str) else v for v in flat[key]]
     return flat
+
+
+def _resolve(base_dir: Path, path: str) -> str:
+    return str((base_dir / Path(path).expanduser()).resolve())
 
 
 def _put_optimizer(put, value: Any, origin: str) -> None:
@@ -560,11 +800,21 @@ def _lift_optimizer_params(flat: dict, origin: str) -> None:
 def _merge(base: dict, layer: dict) -> dict:
     merged = dict(base)
     for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key == "optimizer" and _switches_optimizer(merged.get(key), value):
+            merged[key] = value  # params belong to their optimizer: a new type starts afresh
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _switches_optimizer(base: Any, layer: Any) -> bool:
+    """True when `layer` names a different optimizer type than `base` (both mappings)."""
+    if not (isinstance(base, dict) and isinstance(layer, dict)):
+        return False
+    old, new = base.get("type"), layer.get("type")
+    return old is not None and new is not None and str(old).lower() != str(new).lower()
 
 
 # ---- types ------------------------------------------------------------------------------------
@@ -622,7 +872,14 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     if typing.get_origin(expected) is list:
         if isinstance(value, str):
             value = value.split()
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
+            raise wrong()
+        if typing.get_args(expected) == (float,):
+            numbers = [None if isinstance(v, bool) else _number(v) for v in value]
+            if any(n is None for n in numbers):
+                raise wrong()
+            return numbers
+        if all(isinstance(v, str) for v in value):
             return list(value)
         raise wrong()
     raise AssertionError(f"no coercion for {expected}")
@@ -649,6 +906,14 @@ def _number(value: Any) -> float | None:
 
 
 def _build(merged: dict, origin: str) -> Config:
+    merged = dict(merged)
+    model_parallel = merged.pop(neox_compat.MODEL_PARALLEL_SIZE, 1)
+    if model_parallel > 1:
+        # gpt-neox pads the vocabulary to a multiple of make-vocab-size-divisible-by x the
+        # tensor-parallel degree (Pythia 6.9B: 256, 12B: 512); the same shapes need the same.
+        key = "make_vocab_size_divisible_by"
+        multiple = _coerce(key, merged.get(key, FIELDS[key].default), origin)
+        merged[key] = multiple * model_parallel
     values = {name: _coerce(name, value, origin) for name, value in merged.items()}
     if "optimizer" in values:
         optimizer = {"type": "Adam", "params": {}, **values["optimizer"]}
@@ -659,7 +924,8 @@ def _build(merged: dict, origin: str) -> Config:
         values["optimizer"] = optimizer
     if "fp16" in values:
         values["fp16"] = {**FP16_DEFAULTS, **values["fp16"]}
-        unknown = set(values["fp16"]) - set(FP16_DEFAULTS) - {"hysteresis"}
+        # DeepSpeed configs (gpt-neox's) repeat `fp16: true` inside the block.
+        unknown = set(values["fp16"]) - set(FP16_DEFAULTS) - {"hysteresis", "fp16"}
         if unknown:
             raise NeoxlabError(
                 f"unknown fp16 option(s) {sorted(unknown)} in {origin}",
@@ -725,25 +991,60 @@ def load_config(
     overrides: typing.Sequence[str] = (),
     *,
     cwd: Path | None = None,
+    notice: typing.Callable[[str], None] | None = None,
 ) -> Config:
-    """Read, merge (left to right, then overrides) and validate config files."""
+    """Read, merge (left to right, then overrides) and validate config files.
+
+    `notice` (default: print to stderr) receives at most two lines: the gpt-neox keys that were
+    ignored, and, for a gpt-neox file, the omitted keys whose gpt-neox default differs.
+    """
+    notice = notice or _print_notice
     merged: dict = {}
+    ignored: list[str] = []
+    seen: set[str] = set()  # every key any layer named, before translation
+    neox_files: list[str] = []
     for raw_path in paths:
         path = Path(raw_path).expanduser().resolve()
-        layer = flatten_layer(read_yaml(path), str(raw_path), path.parent)
+        raw = read_yaml(path)
+        layer = flatten_layer(raw, str(raw_path), path.parent, ignored)
+        if isinstance(raw, dict):
+            raw_keys = {canonical_key(k) for k in raw}
+            seen |= raw_keys | set(layer)
+            if neox_compat.is_gpt_neox_file(raw_keys, set(FIELDS)):
+                neox_files.append(str(raw_path))
         merged = _merge(merged, layer)
     if overrides:
         cli: dict = {}
         for text in overrides:
             cli = _merge(cli, parse_override(text))
-        layer = flatten_layer(cli, "command-line overrides", cwd or Path.cwd())
+        layer = flatten_layer(cli, "command-line overrides", cwd or Path.cwd(), ignored)
+        seen |= {canonical_key(k) for k in cli} | set(layer)
         merged = _merge(merged, layer)
     origin = ", ".join(str(p) for p in paths) or "defaults"
     if overrides:
         origin += " + command-line overrides"
     config = _build(merged, origin)
     config.validate()
+    if ignored:
+        notice(
+            "warning: ignoring gpt-neox keys that only steer DeepSpeed/Megatron internals: "
+            + ", ".join(_key(k) for k in dict.fromkeys(ignored))
+        )
+    if config.train_data_paths:
+        seen.add("split")  # whole datasets per split: `split` does not apply
+    omitted = [k for k in neox_compat.DIFFERING_DEFAULTS if k not in seen]
+    if neox_files and omitted:
+        defaults = neox_compat.DIFFERING_DEFAULTS
+        listed = ", ".join(f"{_key(k)} (gpt-neox: {defaults[k]})" for k in omitted)
+        notice(
+            f"note: {', '.join(neox_files)} is a gpt-neox config that omits keys whose gpt-neox "
+            f"default differs from neoxlab's Pythia defaults, which apply here: {listed}"
+        )
     return config
+
+
+def _print_notice(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def config_from_dict(values: dict) -> Config:

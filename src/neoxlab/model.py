@@ -148,13 +148,20 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
         batch, seq, hidden = x.shape
         # GPT-NeoX interleaves per head ([head][q, k, v][head_dim]), not [q | k | v] as nanoGPT
         qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        is_causal = True
+        is_causal = mask is None  # a mask (packed examples) is already causal
         if cache is not None:
             # A cached call either fills an empty cache with the prompt (causal), or adds one
             # token that may see every cached key (no mask; SDPA's causal mask is top-left
@@ -162,7 +169,12 @@ class Attention(nn.Module):
             is_causal = cache.length == 0
             k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
         )
         return self.dense(y.transpose(1, 2).reshape(batch, seq, hidden))
 
@@ -189,8 +201,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        attn = self.dropout(self.attention(self.input_layernorm(x), cos, sin, cache))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        attn = self.dropout(self.attention(self.input_layernorm(x), cos, sin, cache, mask))
         if self.parallel_residual:
             # attention and MLP both read x (not x + attn), so the two can run side by side
             return x + attn + self.dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -240,10 +259,14 @@ class GPTNeoX(nn.Module):
         targets: Tensor | None = None,
         *,
         position_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for input_ids (B, T), and the mean cross-entropy against targets
-        (B, T) when given, skipping positions whose target is -100."""
-        logits = self._logits(input_ids, position_ids)
+        (B, T) when given, skipping positions whose target is -100.
+
+        segment_ids (B, T), for rows that pack several examples, keeps attention within each run
+        of equal ids (give position_ids restarting at 0 per example along with it)."""
+        logits = self._logits(input_ids, position_ids, segment_ids=segment_ids)
         if targets is None:
             return logits, None
         # in fp32: a bf16/fp16 softmax over ~50k classes loses too much precision
@@ -253,19 +276,29 @@ class GPTNeoX(nn.Module):
         return logits, loss
 
     def _logits(
-        self, input_ids: Tensor, position_ids: Tensor | None, caches: list[KVCache] | None = None
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None,
+        caches: list[KVCache] | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
         cos, sin = rotary_cos_sin(self.config, position_ids.expand(batch, seq))
+        mask = None
+        if segment_ids is not None:
+            # block-diagonal causal mask (B, 1, T, T); the diagonal is always kept, so no row is
+            # fully masked (SDPA would return NaN for one)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
+            mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal).unsqueeze(1)
         x = self.embedding_dropout(self.gpt_neox.embed_in(input_ids))
         use_checkpoint = self.config.checkpoint_activations and self.training and caches is None
         for i, layer in enumerate(self.gpt_neox.layers):
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, None if caches is None else caches[i])
+                x = layer(x, cos, sin, None if caches is None else caches[i], mask)
         return self.embed_out(self.gpt_neox.final_layer_norm(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -1,17 +1,32 @@
-"""Run directories, metrics.jsonl, and the console progress bar."""
+"""Run directories, metrics.jsonl, the console progress bar, and the W&B and TensorBoard sinks.
+
+metrics.jsonl is always written; W&B (`use-wandb`) and TensorBoard (`use-tensorboard` or
+`tensorboard-dir`) receive the same records when enabled. wandb and tensorboard are imported only
+when enabled, so `neoxlab` starts fast without them.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import random
+import subprocess
 import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from tqdm import tqdm
 
 from neoxlab.errors import NeoxlabError
+
+if TYPE_CHECKING:
+    from neoxlab.config import Config
+    from neoxlab.runtime import Runtime
 
 ADJECTIVES = (
     "bold",
@@ -135,25 +150,350 @@ class MetricsLog:
         self._handle.close()
 
 
-class Tracker:
-    """Fans a run's metrics out to its sinks: metrics.jsonl always."""
+SUMMARY_FILE = "summary.json"
+SAMPLES_DIR = "samples"
+# W&B writes one offline folder per process; a resumed run adds another with the same run id.
+WANDB_OFFLINE_GLOB = "wandb/offline-run-*"
+SAMPLE_COLUMNS = ["step", "sample"]
+VERSIONED_PACKAGES = ("neoxlab", "torch", "tokenizers", "safetensors", "numpy", "wandb")
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+
+class Tracker:
+    """Fans a run's records out to its sinks: metrics.jsonl always, TensorBoard and W&B when the
+    config enables them, and summary.json at the end. Only the main process of a distributed
+    run constructs one (the trainer gives the other ranks a no-op stand-in), so only rank 0 logs.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        *,
+        config: Config | None = None,
+        config_files: Sequence[str] = (),
+        info: dict[str, Any] | None = None,
+        wandb_run: dict[str, str] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.run_dir = run_dir
+        self.started = time.perf_counter()
+        resumed = resume_step is not None
+        self.previous_wall_seconds = (
+            read_summary(run_dir).get("wall_seconds", 0.0) if resumed else 0.0
+        )
+        self.tensorboard: TensorBoardSink | None = None
+        self.wandb: WandbSink | None = None
+        if config is not None:
+            log_dir = tensorboard_dir(config, run_dir)
+            if log_dir is not None:
+                self.tensorboard = TensorBoardSink(log_dir, resume_step)
+            if config.use_wandb:
+                self.wandb = open_wandb(
+                    config, run_dir, config_files, info or {}, wandb_run, resume_step, log
+                )
+        # Kept when this part of the run does not use W&B, so a later part can still continue it.
+        self.wandb_run = self.wandb.reference if self.wandb else wandb_run
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         """One record with `step` and `tokens`: train/* at log steps, val/* at evaluations."""
         self.metrics.write(record)
+        if self.tensorboard:
+            self.tensorboard.log(record)
+        if self.wandb:
+            self.wandb.log(record)
 
     def log_sample(self, step: int, text: str) -> None:
-        samples = self.run_dir / "samples"
+        samples = self.run_dir / SAMPLES_DIR
         samples.mkdir(exist_ok=True)
         (samples / f"step_{step:07d}.txt").write_text(text, encoding="utf-8")
+        if self.wandb:
+            self.wandb.log_sample(step, text)
 
     def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
         """End of the run (also after an early exit): `summary` holds best val loss etc."""
         self.metrics.close()
+        wall_seconds = self.previous_wall_seconds + time.perf_counter() - self.started
+        summary = {**summary, "wall_seconds": wall_seconds}
+        _write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish(summary, checkpoint)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json of a run that has finished (or stopped early) at least once; else {}."""
+    path = run_dir / SUMMARY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    clean = {key: _json_safe(item) for key, item in value.items()}
+    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when inside it (shorter commands to copy)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---- what a tracked run records beside its config ---------------------------------------------
+
+
+def run_info(runtime: Runtime, parameters: int, data: dict[str, Any]) -> dict[str, Any]:
+    """Code version, libraries, hardware, model size and data: enough to compare runs later."""
+    device = runtime.device
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "git": git_state(),
+        "versions": package_versions(),
+        "device": {
+            "type": device.type,
+            "name": device_name,
+            "precision": runtime.precision,
+            "compile": runtime.compile,
+        },
+        "parameters": parameters,
+        "data": data,
+    }
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit neoxlab's source is at and whether tracked files changed (None: no git)."""
+    source = str(Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", source, *args], capture_output=True, text=True, check=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit, "dirty": bool(changes)}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# ---- TensorBoard -------------------------------------------------------------------------------
+
+
+def tensorboard_dir(config: Config, run_dir: Path) -> Path | None:
+    """`tensorboard-dir` inside the run directory (`tb` when only use-tensorboard is set)."""
+    if config.tensorboard_dir:
+        return run_dir / config.tensorboard_dir
+    return run_dir / "tb" if config.use_tensorboard else None
+
+
+class TensorBoardSink:
+    """The scalars of metrics.jsonl as TensorBoard events (`tensorboard --logdir DIR`)."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise NeoxlabError(
+                "TensorBoard logging is on but tensorboard is not installed",
+                hint='pip install "neoxlab[tensorboard]", or unset use-tensorboard/tensorboard-dir',
+            ) from None
+        # On resume, events logged after the checkpoint (by the part that crashed) are dropped.
+        purge_step = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar("train/tokens" if key == "tokens" else key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---- Weights & Biases --------------------------------------------------------------------------
+
+
+def colab_secret(name: str) -> str | None:
+    """A secret from Colab's key panel; None outside Colab or when not shared with the notebook."""
+    try:
+        from google.colab import userdata
+    except ImportError:
+        return None
+    try:
+        return userdata.get(name) or None
+    except (userdata.SecretNotFoundError, userdata.NotebookAccessError):
+        return None
+
+
+def wandb_project(config: Config, config_files: Sequence[str], resumed: dict | None) -> str:
+    """`wandb-project`, else the project the resumed run lives in, else the first config's stem."""
+    if config.wandb_project:
+        return config.wandb_project
+    if resumed and resumed.get("project"):
+        return resumed["project"]
+    return Path(config_files[0]).stem if config_files else "neoxlab"
+
+
+def open_wandb(
+    config: Config,
+    run_dir: Path,
+    config_files: Sequence[str],
+    info: dict[str, Any],
+    resumed: dict[str, str] | None,
+    resume_step: int | None,
+    log: Callable[[str], None],
+) -> WandbSink | None:
+    """Start the run's W&B run, or continue it on resume; None when WANDB_MODE=disabled.
+
+    Online when an API key is configured (WANDB_API_KEY, `wandb login`, or a Colab secret named
+    WANDB_API_KEY), offline otherwise or when the server cannot be reached; WANDB_MODE decides
+    when set. The key is handed to wandb in memory only, never written anywhere by neoxlab.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise NeoxlabError(
+            "use-wandb is set but wandb is not installed",
+            hint='pip install "neoxlab[wandb]", or drop use-wandb/--wandb',
+        ) from None
+    requested = os.environ.get("WANDB_MODE", "").strip().lower()
+    if requested == "disabled":
+        log("W&B: off (WANDB_MODE=disabled)")
+        return None
+    settings: dict[str, Any] = {"silent": True}  # neoxlab prints the one line that matters
+    if requested in ("offline", "dryrun"):
+        mode, reason = "offline", f"WANDB_MODE={requested}"
+    elif wandb.login(prompt=False, verify=False):
+        mode, reason = "online", ""
+    elif key := colab_secret("WANDB_API_KEY"):
+        mode, reason = "online", ""
+        settings["api_key"] = key
+    elif requested == "online":
+        raise NeoxlabError(
+            "WANDB_MODE=online but no W&B API key is configured",
+            hint="run `wandb login`, set WANDB_API_KEY, or unset WANDB_MODE to log offline",
+        )
+    else:
+        mode, reason = "offline", "no API key found"
+    arguments = {
+        "project": wandb_project(config, config_files, resumed),
+        "entity": config.wandb_entity,
+        "group": config.wandb_group,
+        "tags": config.wandb_tags,
+        "name": config.wandb_run_name or run_dir.name,
+        "dir": str(run_dir),
+        "config": {**config.to_dict(), "run-info": info},
+        # Offline runs cannot look the run up: the saved id is what continues it.
+        "id": resumed["id"] if resumed else None,
+        "resume": "allow" if resumed else None,
+        # The tracker logs through its own run object: never hijack or finish a user's run.
+        "reinit": "create_new",
+        "settings": wandb.Settings(**settings),
+    }
+    run = None
+    if mode == "online":
+        try:
+            run = wandb.init(mode="online", **arguments)
+        except wandb.errors.CommError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else "no answer"
+            mode, reason = "offline", f"the W&B server is unreachable ({first_line})"
+    if run is None:
+        run = wandb.init(mode="offline", **arguments)
+        log(
+            f"W&B: {reason}, so this run logs offline; upload it later with: "
+            f"wandb sync {_shown(run_dir)}/{WANDB_OFFLINE_GLOB}"
+        )
+    else:
+        log(f"W&B: logging to {run.url}")
+    return WandbSink(wandb, run, run_dir, _saved_samples(run_dir, resume_step))
+
+
+def _saved_samples(run_dir: Path, up_to: int | None) -> list[list[Any]]:
+    """Samples of the run so far (on resume), so its W&B table shows the whole run."""
+    if up_to is None:
+        return []
+    rows = []
+    for path in sorted((run_dir / SAMPLES_DIR).glob("step_*.txt")):
+        step = int(path.stem.removeprefix("step_"))
+        if step <= up_to:
+            rows.append([step, path.read_text(encoding="utf-8")])
+    return rows
+
+
+class WandbSink:
+    """One W&B run: train/* and val/* against a `train/step` axis, a table of samples, the
+    summary, and the final model (weights, config, tokenizer) as a `model` artifact."""
+
+    def __init__(self, wandb: Any, run: Any, run_dir: Path, samples: list[list[Any]]) -> None:
+        self.wandb = wandb
+        self.run = run
+        self.run_dir = run_dir
+        self.samples = samples
+        run.define_metric("train/step")
+        for pattern in ("train/*", "val/*"):
+            run.define_metric(pattern, step_metric="train/step")
+        run.define_metric("val/loss", step_metric="train/step", summary="min")
+
+    @property
+    def reference(self) -> dict[str, str]:
+        """What a checkpoint keeps so that `--resume` continues this W&B run."""
+        return {"id": self.run.id, "project": self.run.project}
+
+    def log(self, record: dict[str, Any]) -> None:
+        # W&B's own step is the training step too, so a resumed run's history (online or synced
+        # from offline folders) continues where the checkpoint left off.
+        step = record["step"]
+        data = {"train/step": step, "train/tokens": record["tokens"]}
+        data.update((key, value) for key, value in record.items() if key not in ("step", "tokens"))
+        self.run.log(data, step=step)
+
+    def log_sample(self, step: int, text: str) -> None:
+        self.samples.append([step, text])
+        table = self.wandb.Table(columns=SAMPLE_COLUMNS, data=[list(row) for row in self.samples])
+        self.run.log({"samples": table}, step=step)
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        for key in ("best_val_loss", "train_seconds", "wall_seconds"):
+            if summary.get(key) is not None:
+                self.run.summary[key] = summary[key]
+        if checkpoint is not None:
+            state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+            artifact = self.wandb.Artifact(
+                f"model-{self.run.id}",
+                type="model",
+                description="neoxlab model: weights (safetensors), resolved config, tokenizer",
+                metadata={
+                    "step": state["step"],
+                    "tokens": state["tokens"],
+                    "best_val_loss": state.get("best_val_loss"),
+                },
+            )
+            artifact.add_file(str(checkpoint / "model.safetensors"))
+            artifact.add_file(str(checkpoint / "tokenizer.json"))
+            artifact.add_file(str(self.run_dir / "config.yml"))
+            artifact.add_file(str(self.run_dir / "tokenizer_config.json"))
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{state['step']}"])
+        self.run.finish()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,26 +11,27 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from neoxlab import __version__
+from neoxlab import __version__, distributed
 from neoxlab.checkpoint import (
+    check_model_state,
     latest_checkpoint,
-    load_model_state,
     load_training_state,
     load_weights,
     read_state,
     save_checkpoint,
 )
 from neoxlab.config import Config, model_config, padded_vocab_size, save_config
-from neoxlab.data.batches import WindowSampler
-from neoxlab.data.prepare import PreparedData, prepare_data
+from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
-from neoxlab.evaluate import evaluate
+from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
+from neoxlab.hf import apply_init_from, init_model
 from neoxlab.model import GPTNeoX
-from neoxlab.optim import build_optimizer, lr_at
+from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from neoxlab.runtime import Runtime, resolve_runtime
 from neoxlab.tokenizer import encode, save_tokenizer
-from neoxlab.tracking import Progress, Tracker, new_run_dir
+from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
 
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 200
@@ -85,20 +86,35 @@ def sample_text(
 
 
 def build_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
+    if config.init_from:
+        return init_model(config, tokenizer, device)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
     return GPTNeoX(model_config(config, vocab)).to(device)
 
 
-def _scaler(config: Config, runtime: Runtime) -> torch.amp.GradScaler:
+def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
     fp16 = config.fp16
     static = fp16["loss_scale"] > 0
-    return torch.amp.GradScaler(
+    # Sharded gradients: each rank sees only its shard, so overflow must be agreed across ranks.
+    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
+    return scaler_class(
         runtime.device.type,
         enabled=runtime.precision == "fp16",
         init_scale=fp16["loss_scale"] if static else 2.0 ** fp16["initial_scale_power"],
         # A static loss scale (gpt-neox `loss_scale` > 0) never grows.
         growth_interval=2**31 - 1 if static else fp16["loss_scale_window"],
     )
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+class _Silent:
+    """Stands in for the tracker and progress bar on ranks other than 0: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -128,33 +144,56 @@ class Trainer:
     ) -> None:
         self.config = config
         self.config_files = [str(p) for p in config_files]
+        if not distributed.world_from_environment().is_main:
+            log = _quiet  # only rank 0 talks
         self.log = log
         self.show_progress = progress
+        # init-from decides the architecture and tokenizer; the run's config.yml records them
+        self.config = config = apply_init_from(config, log)
         self.runtime = resolve_runtime(
             config.device, config.requested_precision(), config.compile, notice=log
         )
-        self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(1)
+        self.world, device = distributed.init_world(self.runtime.device)
+        self.runtime = dataclasses.replace(self.runtime, device=device)
+        self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
+        self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
+            self.world.world_size
+        )
         torch.manual_seed(config.seed)
-        self.data: PreparedData = prepare_data(config, log)
-        self.model = build_model(config, self.data.tokenizer, self.runtime.device)
+        self.data: PreparedData = self._prepare_data()
+        if self.sharded:
+            self.model = distributed.build_sharded(
+                lambda where: build_model(config, self.data.tokenizer, where),
+                self.world,
+                device,
+                self.runtime.dtype,
+            )
+        else:
+            self.model = build_model(config, self.data.tokenizer, device)
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = _scaler(config, self.runtime)
+        self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
         self.step = 0
         self.tokens = 0
         self.best_val_loss: float | None = None
         self.elapsed = 0.0
         self.skipped_steps = 0
+        self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         if resume is not None:
             self.run_dir = resume
             self._resume()
         else:
-            self.run_dir = new_run_dir(config.run_name)
-        self.train_sampler = WindowSampler(
-            self.data.splits["train"], config.seq_length, config.seed, "train"
-        )
-        self.val_sampler = WindowSampler(
-            self.data.splits["validation"], config.seq_length, config.seed, "validation"
-        )
+            created = new_run_dir(config.run_name) if self.world.is_main else None
+            self.run_dir = distributed.broadcast_from_main(created, self.world)
+        self.train_sampler, self.val_sampler = build_samplers(config, self.data)
+
+    def _prepare_data(self) -> PreparedData:
+        """Rank 0 tokenizes and caches first; the other ranks then read its cache."""
+        if self.world.is_main:
+            data = prepare_data(self.config, self.log)
+        distributed.barrier(self.world)
+        if not self.world.is_main:
+            data = prepare_data(self.config, _quiet)
+        return data
 
     # ---- resume -------------------------------------------------------------------------------
 
@@ -167,16 +206,26 @@ class Trainer:
                 hint="start a new run, or check the run's `save` folder",
             )
         state = read_state(checkpoint)
-        load_model_state(self.model, load_weights(checkpoint), checkpoint)
-        training = load_training_state(checkpoint)
-        self.optimizer.load_state_dict(training["optimizer"])
-        self.scaler.load_state_dict(training["scaler"])
-        _restore_rng(training["rng"], self.runtime.device)
+        # Rank 0 reads the full state; load_full_state hands each rank its part.
+        weights, training = {}, {}
+        if self.world.is_main:
+            weights = load_weights(checkpoint)
+            check_model_state(self.model, weights, checkpoint)
+            training = load_training_state(checkpoint)
+        distributed.load_full_state(
+            self.model, self.optimizer, weights, training.get("optimizer", {}), self.world
+        )
+        small = distributed.broadcast_from_main(
+            {"scaler": training.get("scaler"), "rng": training.get("rng")}, self.world
+        )
+        self.scaler.load_state_dict(small["scaler"])
+        _restore_rng(small["rng"], self.runtime.device)
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.best_val_loss = state.get("best_val_loss")
         self.elapsed = state.get("elapsed_seconds", 0.0)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.wandb_run = state.get("wandb_run")
         previous_iters = state["config"].get("train-iters")
         if previous_iters != self.config.train_iters:
             self.log(
@@ -198,37 +247,52 @@ class Trainer:
             "config_files": self.config_files,
             "neoxlab_version": __version__,
             "tokenizer_vocab_size": self.data.tokenizer.get_vocab_size(),
+            "wandb_run": self.wandb_run,
         }
 
     def save(self) -> Path | None:
         root = checkpoint_root(self.config, self.run_dir)
         if root is None:
             return None
-        training_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.runtime.device),
-        }
-        return save_checkpoint(
-            root,
-            self.step,
-            self.model,
-            training_state,
-            self._state(),
-            self.data.tokenizer_file,
-            self.config.keep_last_n_checkpoints,
-        )
+        # Every rank joins the gather; rank 0 writes the same folder a single process writes.
+        weights, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        path = None
+        if self.world.is_main:
+            training_state = {
+                "optimizer": optimizer_state,
+                "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(self.runtime.device),
+            }
+            path = save_checkpoint(
+                root,
+                self.step,
+                weights,
+                training_state,
+                self._state(),
+                self.data.tokenizer_file,
+                self.config.keep_last_n_checkpoints,
+            )
+        distributed.barrier(self.world)
+        return path
 
     def evaluate(self) -> dict[str, float]:
-        result = evaluate(
-            self.model, self.val_sampler, self.config.eval_iters, self.micro_batch, self.runtime
+        # Line completion generates on rank 0's view of the model: not with sharded weights.
+        result = evaluate_run(
+            self.model,
+            self.val_sampler,
+            self.data,
+            self.config,
+            self.micro_batch,
+            self.runtime,
+            generate=not self.sharded,
         )
         if self.best_val_loss is None or result["loss"] < self.best_val_loss:
             self.best_val_loss = result["loss"]
         return result
 
     def _sample(self) -> str | None:
-        if not self.config.sample_tokens:
+        # Generation would need every rank in step with rank 0's sharded forward passes.
+        if not self.config.sample_tokens or not self.world.is_main or self.sharded:
             return None
         return sample_text(
             self.model,
@@ -252,23 +316,26 @@ class Trainer:
 
     def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm)."""
-        lr = lr_at(self.step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.train_sampler.batch(self.step, self.global_batch).to(self.runtime.device)
+        set_lr(self.optimizer, lr_at(self.step, self.config))
+        batch = self.train_sampler.batch(self.step, self.global_batch)
         loss_sum = torch.zeros((), device=self.runtime.device)
+        rank, world_size = self.world.rank, self.world.world_size
         for index in range(self.accumulation):
-            micro = batch.rows(index * self.micro_batch, (index + 1) * self.micro_batch)
-            with self.runtime.autocast():
-                _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
-            self.scaler.scale(loss / self.accumulation).backward()
+            # Rank r of W takes micro-batches r, r + W, ...: the step's batch at any world size.
+            first = (index * world_size + rank) * self.micro_batch
+            micro = batch.rows(first, first + self.micro_batch).to(self.runtime.device)
+            # Gradients are reduced across ranks once per step, after the last micro-batch.
+            with distributed.gradient_sync(model, index == self.accumulation - 1):
+                with self.runtime.autocast():
+                    _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
+                self.scaler.scale(loss / self.accumulation).backward()
             loss_sum += loss.detach().float()
-        loss = loss_sum / self.accumulation
+        # Every rank sees the same global loss, so all stop together if it is not finite.
+        loss = distributed.mean_across_ranks(loss_sum / self.accumulation, self.world)
         if self.runtime.precision != "fp16" and not torch.isfinite(loss):
             self._diverged(float(loss))
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.gradient_clipping or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_gradients(self.model.parameters(), self.config)
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -293,10 +360,25 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config = self.config
-        self._write_run_files()
         resumed = self.step > 0
-        tracker = Tracker(self.run_dir, resume_step=self.step if resumed else None)
-        model = torch.compile(self.model) if self.runtime.compile else self.model
+        if self.world.is_main:
+            self._write_run_files()
+            tracker = Tracker(
+                self.run_dir,
+                resume_step=self.step if resumed else None,
+                config=config,
+                config_files=self.config_files,
+                info=run_info(self.runtime, self.model.num_parameters(), self.data.summary),
+                wandb_run=self.wandb_run,
+                log=self.log,
+            )
+            self.wandb_run = tracker.wandb_run
+        else:
+            tracker = _Silent()
+        model = self.model
+        if self.world.distributed and not self.sharded:
+            model = distributed.wrap_ddp(model, self.runtime.device)
+        model = torch.compile(model) if self.runtime.compile else model
         end = min(config.train_iters, config.exit_interval or config.train_iters)
         flops_per_token = self.model.flops_per_token(config.seq_length)
         peak = self.runtime.peak_flops()
@@ -310,7 +392,11 @@ class Trainer:
         if not resumed and self.step < end:
             last_eval = self._eval_and_log(tracker, progress=None)
 
-        progress = Progress(end, self.step, enabled=self.show_progress)
+        progress = (
+            Progress(end, self.step, enabled=self.show_progress)
+            if self.world.is_main
+            else _Silent()
+        )
         self.model.train()
         train_loss: float | None = None
         checkpoint: Path | None = None
@@ -375,12 +461,13 @@ class Trainer:
                 "val/loss": result["loss"],
                 "val/ppl": result["ppl"],
                 "val/acc": result["acc"],
+                **{f"val/{name}": result[name] for name in CODE_METRICS if name in result},
             }
         )
         write = progress.write if progress else self.log
         write(
             f"step {self.step}: val loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
-            f"acc {result['acc']:.3f}"
+            f"acc {result['acc']:.3f}{format_code_metrics(result)}"
         )
         sample = self._sample()
         if sample is not None:

@@ -17,11 +17,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from neoxlab.config import Config, parse_split
+from neoxlab.data.batches import Sampler
+from neoxlab.data.blend import Blend, blend, make_sampler
 from neoxlab.data.corpora import (
     Document,
     fetch_shakespeare,
@@ -39,6 +42,9 @@ from neoxlab.tokenizer import (
     train_char,
 )
 
+if TYPE_CHECKING:
+    from neoxlab.data.chat import ChatExamples
+
 SPLITS = ("train", "validation", "test")
 SHAKESPEARE_JSONL = "shakespeare.jsonl"
 TEXT_SUFFIXES = (".jsonl", ".txt")
@@ -48,20 +54,43 @@ TEXT_SUFFIXES = (".jsonl", ".txt")
 class PreparedData:
     """Token streams per split (documents back to back, each ended by the eod token)."""
 
-    splits: dict[str, np.ndarray]
+    splits: dict[str, np.ndarray | Blend]  # a Blend: several weighted datasets (data paths)
     tokenizer: Tokenizer
     tokenizer_file: Path
     eod_id: int
     summary: dict = field(default_factory=dict)
+    examples: dict[str, ChatExamples] | None = None  # chat data: whole examples with loss labels
+    # .jsonl/.txt sources: the validation documents' text (code-metrics completes their lines)
+    validation_texts: list[str] | None = None
 
 
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
+    if config.tokenizer_type == "hf" and not config.vocab_file:
+        raise NeoxlabError("tokenizer-type hf needs vocab-file (a tokenizer.json)")
+    if config.train_data_paths:
+        return _open_blends(config)
     if not config.data_path:
         raise NeoxlabError("no data-path in the config", hint="set data-path: FILE.jsonl")
+    if config.data_format == "chat":
+        from neoxlab.data.chat import prepare_chat_data  # chat.py builds on this module
+
+        return prepare_chat_data(config, log)
     path = Path(config.data_path)
     if path.suffix in TEXT_SUFFIXES:
         return _prepare_text_source(config, path, log)
     return _open_prefix(config, path)
+
+
+def build_samplers(config: Config, data: PreparedData) -> tuple[Sampler, Sampler]:
+    """The train and validation samplers: random windows, or whole chat examples."""
+    if data.examples is not None:
+        from neoxlab.data.chat import chat_samplers
+
+        return chat_samplers(config, data)
+    return (
+        make_sampler(data.splits["train"], config.seq_length, config.seed, "train"),
+        make_sampler(data.splits["validation"], config.seq_length, config.seed, "validation"),
+    )
 
 
 # ---- raw text sources ------------------------------------------------------------------------
@@ -101,7 +130,10 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         "vocab_size": tokenizer.get_vocab_size(),
         **{f"{s}_tokens": len(t) for s, t in splits.items()},
     }
-    return PreparedData(splits, tokenizer, tokenizer_file, eod_id, summary)
+    validation_texts = [d.text for d in documents if d.split == "validation"]
+    return PreparedData(
+        splits, tokenizer, tokenizer_file, eod_id, summary, validation_texts=validation_texts
+    )
 
 
 def _read_documents(path: Path, config: Config) -> list[Document]:
@@ -209,13 +241,7 @@ def _open_prefix(config: Config, prefix: Path) -> PreparedData:
     dataset = IndexedDataset(prefix)
     tokenizer_file = Path(config.vocab_file)
     tokenizer = load_tokenizer(tokenizer_file)
-    max_id = int(dataset.tokens.max()) if len(dataset.tokens) else -1
-    if max_id >= tokenizer.get_vocab_size():
-        raise NeoxlabError(
-            f"{prefix} holds token id {max_id}, beyond the tokenizer's vocabulary "
-            f"({tokenizer.get_vocab_size()}) in {tokenizer_file}",
-            hint="the data was prepared with a different tokenizer",
-        )
+    _check_token_ids(dataset, prefix, tokenizer, tokenizer_file)
     counts = split_counts(len(dataset), config.split)
     pointers = dataset.pointers // dataset.dtype.itemsize
     ends = np.concatenate([pointers, [len(dataset.tokens)]])
@@ -232,6 +258,54 @@ def _open_prefix(config: Config, prefix: Path) -> PreparedData:
         "vocab_size": tokenizer.get_vocab_size(),
         **{f"{s}_tokens": len(t) for s, t in splits.items()},
     }
+    eod_id = token_id(tokenizer, config.eod_token)
+    return PreparedData(splits, tokenizer, tokenizer_file, eod_id, summary)
+
+
+# Token ids checked against the vocabulary: a prefix of the data, so that opening a corpus of
+# hundreds of GB (on every rank of a cluster job) does not read all of it.
+CHECKED_TOKENS = 1 << 26
+
+
+def _check_token_ids(
+    dataset: IndexedDataset, prefix: Path, tokenizer: Tokenizer, tokenizer_file: Path
+) -> None:
+    head = dataset.tokens[:CHECKED_TOKENS]
+    max_id = int(head.max()) if len(head) else -1
+    if max_id >= tokenizer.get_vocab_size():
+        raise NeoxlabError(
+            f"{prefix} holds token id {max_id}, beyond the tokenizer's vocabulary "
+            f"({tokenizer.get_vocab_size()}) in {tokenizer_file}",
+            hint="the data was prepared with a different tokenizer",
+        )
+
+
+def _open_blends(config: Config) -> PreparedData:
+    """gpt-neox's train/valid/test-data-paths: whole prepared datasets per split, blended by
+    their weights (equal when no weights are given)."""
+    if not config.vocab_file:
+        raise NeoxlabError(
+            "train-data-paths are prepared datasets, so the tokenizer cannot be trained from them",
+            hint="set vocab-file to the tokenizer.json they were prepared with",
+        )
+    tokenizer_file = Path(config.vocab_file)
+    tokenizer = load_tokenizer(tokenizer_file)
+    splits: dict[str, np.ndarray | Blend] = {}
+    summary: dict = {"source": "train/valid/test-data-paths", "tokenizer": str(tokenizer_file)}
+    for name, key in zip(SPLITS, ("train", "valid", "test"), strict=True):
+        paths = getattr(config, f"{key}_data_paths")
+        if not paths:
+            continue
+        weights = getattr(config, f"{key}_data_weights") or [1.0] * len(paths)
+        streams = []
+        for path in paths:
+            dataset = IndexedDataset(path)
+            _check_token_ids(dataset, Path(path), tokenizer, tokenizer_file)
+            streams.append(dataset.tokens)
+        mixed = blend(streams, weights, list(paths))
+        splits[name] = mixed.streams[0] if len(mixed.streams) == 1 else mixed
+        summary[f"{name}_tokens"] = len(mixed)
+    _check_validation(splits, Path(config.train_data_paths[0]))
     eod_id = token_id(tokenizer, config.eod_token)
     return PreparedData(splits, tokenizer, tokenizer_file, eod_id, summary)
 

@@ -1,0 +1,275 @@
+"""`neoxlab prepare jsonl`: jsonl corpora (plain, .gz, .zst) -> one GPT-NeoX .bin/.idx, streamed.
+
+Writes what gpt-neox's tools/datasets/preprocess_data.py writes for the same tokenizer.json and
+key: each record's text encoded as HF tokenizers encode it (`Tokenizer.encode(text).ids`, as
+gpt-neox's HFTokenizer does), the end-of-document token appended, empty texts skipped, one
+sequence per document, token dtype by vocabulary size, `PREFIX_{key}_document.bin/.idx`.
+
+Memory stays flat whatever the corpus size: files are read line by line in ~1 MB chunks, at most
+two chunks per worker are in flight, and tokens go straight to the .bin (the writer keeps only the
+per-document sizes). Chunks are tokenized with `encode_batch` (Rust threads) in this process, or
+in worker processes, and written back in input order, so the output does not depend on --workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import zstandard
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from neoxlab.data.indexed import IndexedDatasetWriter, best_dtype
+from neoxlab.errors import NeoxlabError
+from neoxlab.tokenizer import load_tokenizer, token_id
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+CHUNK_BYTES = 1 << 20
+ON_ERROR = ("fail", "skip")
+REPORTED_BAD_LINES = 20  # with --on-error skip, the first ones are printed; all are counted
+
+
+@dataclass
+class Chunk:
+    """Consecutive raw lines of one file; `first_line` is the 1-based number of lines[0]."""
+
+    path: str
+    first_line: int
+    lines: list[bytes]
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # every document's ids (and eod) back to back
+    sizes: list[int]  # tokens per document
+    bad_lines: list[str]  # "file:line: reason"
+    empty: int  # records whose text is empty (skipped, as gpt-neox skips them)
+    text_bytes: int
+
+
+@dataclass
+class PrepareResult:
+    prefix: Path
+    files: list[Path]
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    empty: int = 0
+    bad_lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def input_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files to read, in order: each given file, and each folder's jsonl files sorted by path."""
+    files: list[Path] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise NeoxlabError(f"{path} holds no {', '.join(SUFFIXES)} files")
+            files += found
+        elif path.is_file():
+            if not path.name.endswith(SUFFIXES):
+                raise NeoxlabError(
+                    f"{path} is not a jsonl file",
+                    hint=f"give files ending in {', '.join(SUFFIXES)}",
+                )
+            files.append(path)
+        else:
+            raise NeoxlabError(f"input {path} does not exist")
+    return files
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        # A stream reader decompresses as it goes: the file is never held whole in memory.
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+        return io.BufferedReader(raw)
+    return open(path, "rb")
+
+
+def read_chunks(files: Sequence[Path], chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    for path in files:
+        try:
+            with _open_binary(path) as handle:
+                lines: list[bytes] = []
+                size, first = 0, 1
+                for number, line in enumerate(handle, start=1):
+                    lines.append(line)
+                    size += len(line)
+                    if size >= chunk_bytes:
+                        yield Chunk(str(path), first, lines)
+                        lines, size, first = [], 0, number + 1
+                if lines:
+                    yield Chunk(str(path), first, lines)
+        except (OSError, EOFError, zstandard.ZstdError) as err:
+            raise NeoxlabError(f"cannot read {path}: {err}") from None
+
+
+# ---- tokenizing (in this process or in workers) -----------------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_file: str, text_key: str, eod_id: int | None, dtype: str) -> None:
+    if multiprocessing.parent_process() is not None:
+        # Worker processes are the parallelism: one Rust thread each, no oversubscription.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(
+        tokenizer=Tokenizer.from_file(tokenizer_file),
+        text_key=text_key,
+        eod_id=eod_id,
+        dtype=np.dtype(dtype),
+    )
+
+
+def encode_chunk(chunk: Chunk) -> EncodedChunk:
+    """Parse and tokenize one chunk with the state `_init_worker` set."""
+    key = _worker["text_key"]
+    texts: list[str] = []
+    bad: list[str] = []
+    empty = text_bytes = 0
+    for offset, raw in enumerate(chunk.lines):
+        where = f"{chunk.path}:{chunk.first_line + offset}"
+        text_bytes += len(raw)
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError:
+            bad.append(f"{where}: not UTF-8")
+            continue
+        except json.JSONDecodeError as err:
+            bad.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(record, dict) or key not in record:
+            bad.append(f"{where}: no {key!r} key")
+            continue
+        text = record[key]
+        if not isinstance(text, str):
+            bad.append(f"{where}: {key!r} is {type(text).__name__}, not text")
+            continue
+        if not text:
+            empty += 1
+            continue
+        texts.append(text)
+    eod_id = _worker["eod_id"]
+    # Default add_special_tokens, as gpt-neox's HFTokenizer.tokenize calls encode(text).
+    encodings = _worker["tokenizer"].encode_batch(texts) if texts else []
+    end = [] if eod_id is None else [eod_id]
+    ids = [[*encoding.ids, *end] for encoding in encodings]
+    sizes = [len(document) for document in ids]
+    tokens = np.fromiter(
+        (token for document in ids for token in document), dtype=_worker["dtype"], count=sum(sizes)
+    )
+    return EncodedChunk(tokens, sizes, bad, empty, text_bytes)
+
+
+def _encoded_in_order(
+    chunks: Iterator[Chunk], workers: int, init_args: tuple
+) -> Iterator[EncodedChunk]:
+    if workers <= 1:
+        _init_worker(*init_args)
+        yield from map(encode_chunk, chunks)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            # Bounded look-ahead: reading never runs far ahead of tokenizing.
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def output_prefix(out: str | Path, text_key: str) -> Path:
+    """gpt-neox's naming: `{out}_{key}_document`."""
+    return Path(f"{out}_{text_key}_document")
+
+
+def prepare_jsonl(
+    inputs: Sequence[str | Path],
+    tokenizer_file: str | Path,
+    out: str | Path,
+    *,
+    text_key: str = "text",
+    append_eod: bool = True,
+    eod_token: str = "<|endoftext|>",
+    workers: int = 1,
+    on_error: str = "fail",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
+    """Tokenize every record of `inputs` into `{out}_{text_key}_document.bin/.idx`.
+
+    A bad line (invalid JSON, missing key, text not a string) fails the run (`on_error="fail"`:
+    nothing is left on disk) or is reported and skipped (`"skip"`).
+    """
+    if on_error not in ON_ERROR:
+        raise NeoxlabError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if workers < 1:
+        raise NeoxlabError(f"--workers must be at least 1, got {workers}")
+    files = input_files(inputs)
+    tokenizer_path = Path(tokenizer_file).expanduser()
+    tokenizer = load_tokenizer(tokenizer_path)
+    eod_id = token_id(tokenizer, eod_token) if append_eod else None
+    dtype = best_dtype(tokenizer.get_vocab_size())
+    prefix = output_prefix(out, text_key)
+    result = PrepareResult(prefix, files)
+    init_args = (str(tokenizer_path), text_key, eod_id, dtype.str)
+    bar = tqdm(unit=" docs", disable=not progress, mininterval=1.0, file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        with IndexedDatasetWriter(prefix, dtype) as writer:
+            for encoded in _encoded_in_order(read_chunks(files), workers, init_args):
+                if encoded.bad_lines:
+                    if on_error == "fail":
+                        raise NeoxlabError(
+                            f"{encoded.bad_lines[0]}; nothing was written",
+                            hint="fix the line, or pass --on-error skip to skip bad lines",
+                        )
+                    for line in encoded.bad_lines:
+                        if len(result.bad_lines) < REPORTED_BAD_LINES:
+                            log(f"skipping {line}")
+                        result.bad_lines.append(line)
+                offset = 0
+                for size in encoded.sizes:
+                    writer.add_document(encoded.tokens[offset : offset + size])
+                    offset += size
+                result.documents += len(encoded.sizes)
+                result.tokens += len(encoded.tokens)
+                result.text_bytes += encoded.text_bytes
+                result.empty += encoded.empty
+                result.seconds = time.perf_counter() - start
+                bar.update(len(encoded.sizes))
+                bar.set_postfix_str(
+                    f"{result.tokens:,} tokens, {result.megabytes_per_second:.1f} MB/s",
+                    refresh=False,
+                )
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    return result

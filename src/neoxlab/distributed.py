@@ -1,0 +1,202 @@
+"""Multi-process training on PyTorch's own engine: torchrun, DDP and FSDP2.
+
+`torchrun --nproc_per_node=N -m neoxlab train ...` starts N copies of the trainer; each reads its
+rank from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK) and joins one process
+group (NCCL on GPUs, gloo on CPUs). Two ways to share the work:
+
+- DDP: every rank holds the whole model; gradients are all-reduced once per optimizer step
+  (`no_sync` on every micro-batch but the last).
+- FSDP2 (`distributed: fsdp`, or gpt-neox's `zero_optimization.stage` >= 1): `fully_shard` on each
+  transformer block and on the root, so parameters, gradients and optimizer state are split
+  across ranks; a mixed-precision policy casts parameters to the run's precision for compute and
+  reduces gradients in fp32.
+
+Checkpoints hold full (unsharded) state: every rank joins the gather, rank 0 writes the same
+folder a single-process run writes, so any world size resumes from it. Loading goes the other
+way: rank 0 reads the files and the state is broadcast (and sharded) to the other ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from neoxlab.errors import NeoxlabError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world_from_environment() -> World:
+    """The rank torchrun (or Slurm through torchrun) gave this process; no process group yet."""
+    try:
+        return World(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as err:
+        raise NeoxlabError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers: {err}") from None
+
+
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group when started by torchrun; returns the world and this rank's device.
+
+    Each rank of a node drives the GPU numbered by its LOCAL_RANK.
+    """
+    world = world_from_environment()
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise NeoxlabError(
+                f"local rank {world.local_rank} has no GPU: this node has "
+                f"{torch.cuda.device_count()}",
+                hint="start at most one process per GPU (torchrun --nproc_per_node)",
+            )
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise NeoxlabError(f"distributed training runs on cuda or cpu, not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_sharded(
+    build: Callable[[torch.device], nn.Module],
+    world: World,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """The model sharded by FSDP2, with exactly the weights a single process would initialise.
+
+    Rank 0 builds the full model on the CPU (the same seed gives the same init as one process);
+    every rank builds it on the meta device (no memory), shards it per block, allocates only its
+    own shards on `device`, and receives them from rank 0.
+    """
+    full = build(torch.device("cpu")) if world.is_main else None
+    with torch.device("meta"):
+        model = build(torch.device("meta"))
+    # Compute in the run's precision, reduce gradients in fp32 (exact sums across ranks).
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
+    )
+    for block in model.gpt_neox.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the root unit: embeddings, final norm, head
+    model.to_empty(device=device)
+    weights = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """A DDP wrapper: replicas stay equal by all-reducing gradients once per optimizer step."""
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
+    micro-batch of a step: gradients accumulate locally and are reduced once."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the DDP/FSDP one
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def mean_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of a scalar over all ranks (itself in a single process)."""
+    if not world.distributed:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world.world_size
+
+
+def broadcast_from_main(value: Any, world: World) -> Any:
+    """Rank 0's value of a small picklable object (e.g. the run directory it created)."""
+    if not world.distributed:
+        return value
+    holder = [value if world.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+# ---- full state for checkpoints -------------------------------------------------------------
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    # A composite (e.g. Muon + its AdamW companion) exposes its parts as `optimizers`.
+    return list(getattr(optimizer, "optimizers", (optimizer,)))
+
+
+def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights, optimizer state) unsharded, on the CPU, keyed by parameter name. Every rank must
+    call this (it gathers shards); in a distributed run only rank 0 gets non-empty dicts."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, _optimizers(optimizer), options=options)
+    return weights, optimizer_state
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: Any,
+    weights: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    world: World,
+) -> None:
+    """The inverse of `full_state`: in a distributed run rank 0 passes what it read from disk,
+    the other ranks empty dicts, and each rank keeps its own shard (or replica)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, _optimizers(optimizer), optimizer_state, options=options)

@@ -1,0 +1,493 @@
+"""Hugging Face interop: export to, and start from, transformers' `GPTNeoXForCausalLM` folders.
+
+model.py computes what GPTNeoXForCausalLM computes, with the parameter names transformers writes
+to disk (`gpt_neox.…`, fused per-head QKV, `embed_out.weight`), so both directions copy tensors
+and translate config.json. Loading never unpickles code: safetensors, or `torch.load` with
+`weights_only=True` for old `pytorch_model.bin` files.
+
+- export: `neoxlab export RUN --out DIR` writes model.safetensors, config.json,
+  generation_config.json, tokenizer.json, tokenizer_config.json (with the chat template) and a
+  model card README.md.
+- import: an HF folder (a downloaded Pythia) works wherever a checkpoint does (`generate`, `eval`),
+  and as `init-from` in a training config (architecture, tokenizer and weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from neoxlab import __version__
+from neoxlab.checkpoint import (
+    TrainedModel,
+    is_hf_directory,
+    load_model_state,
+    load_trained,
+    load_weights,
+    read_state,
+    resolve_checkpoint,
+)
+from neoxlab.config import FIELDS, Config, config_from_dict, model_config
+from neoxlab.data.chat import ChatFormat
+from neoxlab.errors import NeoxlabError
+from neoxlab.model import GPTNeoX
+from neoxlab.tokenizer import load_tokenizer, save_tokenizer, token_id
+from neoxlab.tracking import read_metrics
+
+# transformers' hidden_act -> ours. Pythia trained with tanh GELU, but its config.json files say
+# "gelu" (exact); we honour what the file says, as transformers does.
+IMPORT_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+# Config fields an HF folder decides (the architecture); init-from overrides them.
+MODEL_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rotary_pct",
+    "rotary_emb_base",
+    "gpt_j_residual",
+    "layernorm_epsilon",
+    "activation",
+)
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+# Buffers older transformers saved beside Pythia's weights; model.py recomputes them.
+BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# ---- reading an HF folder --------------------------------------------------------------------
+
+
+def read_hf_config(directory: Path) -> tuple[dict[str, Any], int]:
+    """(neoxlab config fields, embedding rows) from a GPTNeoX config.json.
+
+    Reads both transformers 4 (`rotary_pct`, `rotary_emb_base`) and 5 (`rope_parameters`) files.
+    """
+    raw = _read_json(directory / "config.json")
+    if raw.get("model_type") != "gpt_neox":
+        raise NeoxlabError(
+            f"{directory} holds a {raw.get('model_type', 'unknown')!r} model; neoxlab runs "
+            "GPT-NeoX models (model_type gpt_neox, e.g. Pythia)"
+        )
+    missing = [key for key in REQUIRED_HF_KEYS if key not in raw]
+    if missing:
+        raise NeoxlabError(f"{directory / 'config.json'} lacks {', '.join(missing)}")
+    unsupported = []
+    if raw.get("tie_word_embeddings", False):
+        unsupported.append("tie_word_embeddings: true")
+    if not raw.get("attention_bias", True):
+        unsupported.append("attention_bias: false")
+    rope = raw.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
+        unsupported.append("rope scaling")
+    activation = IMPORT_ACTIVATIONS.get(raw.get("hidden_act", "gelu"))
+    if activation is None:
+        unsupported.append(f"hidden_act {raw['hidden_act']!r}")
+    if unsupported:
+        raise NeoxlabError(
+            f"{directory} uses {', '.join(unsupported)}, which neoxlab's GPT-NeoX does not have"
+        )
+    fields = {
+        "hidden_size": raw["hidden_size"],
+        "num_layers": raw["num_hidden_layers"],
+        "num_attention_heads": raw["num_attention_heads"],
+        "intermediate_size": raw["intermediate_size"],
+        "max_position_embeddings": raw["max_position_embeddings"],
+        "rotary_pct": float(
+            rope.get(
+                "partial_rotary_factor",
+                raw.get("partial_rotary_factor", raw.get("rotary_pct", 0.25)),
+            )
+        ),
+        "rotary_emb_base": float(
+            rope.get("rope_theta", raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0)))
+        ),
+        "gpt_j_residual": raw.get("use_parallel_residual", True),
+        "layernorm_epsilon": float(raw.get("layer_norm_eps", 1e-5)),
+        "activation": activation,
+    }
+    return fields, raw["vocab_size"]
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of an HF folder (one file or shards), named as model.py names them."""
+    files = _weight_files(directory)
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(
+            _load_safetensors(file) if file.suffix == ".safetensors" else _load_bin(file)
+        )
+    if "lm_head.weight" in weights:  # the in-memory name of transformers 5
+        weights["embed_out.weight"] = weights.pop("lm_head.weight")
+    return {name: t for name, t in weights.items() if not name.endswith(BUFFER_SUFFIXES)}
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return [directory / name]
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map", {})
+            return [directory / file for file in sorted(set(weight_map.values()))]
+    raise NeoxlabError(
+        f"{directory} has no weights (model.safetensors or pytorch_model.bin, or their shards)"
+    )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise NeoxlabError(f"weights {path} are unreadable: {err}") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: a pickle that would construct arbitrary objects is refused
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeoxlabError(
+            f"refusing to load {path}: not a plain tensor file ({first_line})",
+            hint="neoxlab never unpickles code; convert it to model.safetensors",
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NeoxlabError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NeoxlabError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise NeoxlabError(f"{path} must hold a JSON object")
+    return value
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    """eod-token / pad-token from tokenizer_config.json, where it names them."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    raw = _read_json(path)
+    tokens = {}
+    for ours, theirs in (("eod_token", "eos_token"), ("pad_token", "pad_token")):
+        value = raw.get(theirs)
+        if isinstance(value, dict):  # an AddedToken, as older transformers wrote them
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[ours] = value
+    return tokens
+
+
+def _check_vocab(tokenizer: Tokenizer, rows: int, origin: Path) -> None:
+    if tokenizer.get_vocab_size() > rows:
+        raise NeoxlabError(
+            f"the tokenizer of {origin} has {tokenizer.get_vocab_size()} tokens but the model's "
+            f"embedding only {rows} rows",
+            hint="the tokenizer belongs to another model",
+        )
+
+
+# ---- models to start from --------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """A model to start from: HF folder or neoxlab checkpoint, described as config fields."""
+
+    path: Path
+    fields: dict[str, Any]  # architecture and special tokens, as Config field names
+    tokenizer_file: Path
+    vocab_rows: int
+
+    @property
+    def is_hf(self) -> bool:
+        return is_hf_directory(self.path)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return read_hf_weights(self.path) if self.is_hf else load_weights(self.path)
+
+
+def model_source(path: Path) -> ModelSource:
+    """Describe an HF folder, a neoxlab checkpoint, or a run (its newest checkpoint)."""
+    path = resolve_checkpoint(path).resolve()
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise NeoxlabError(
+            f"{path} has no tokenizer.json",
+            hint="save the fast tokenizer beside the model (AutoTokenizer.save_pretrained)",
+        )
+    if is_hf_directory(path):
+        fields, rows = read_hf_config(path)
+        return ModelSource(path, {**fields, **_special_tokens(path)}, tokenizer_file, rows)
+    config = config_from_dict(read_state(path)["config"])
+    fields = {name: getattr(config, name) for name in (*MODEL_FIELDS, "eod_token", "pad_token")}
+    fields["max_position_embeddings"] = config.context_length
+    return ModelSource(path, fields, tokenizer_file, _embedding_rows(path / "model.safetensors"))
+
+
+def _embedding_rows(weights_file: Path) -> int:
+    try:
+        with safe_open(str(weights_file), "pt") as weights:
+            return weights.get_slice("gpt_neox.embed_in.weight").get_shape()[0]
+    except (SafetensorError, OSError) as err:
+        raise NeoxlabError(f"checkpoint weights {weights_file} are unreadable: {err}") from None
+
+
+def load_hf_model(directory: Path, device: torch.device) -> TrainedModel:
+    """An HF folder ready to generate or evaluate; seq-length defaults to its full context."""
+    source = model_source(directory)
+    tokenizer = load_tokenizer(source.tokenizer_file)
+    _check_vocab(tokenizer, source.vocab_rows, directory)
+    config = config_from_dict(
+        {
+            **source.fields,
+            "tokenizer_type": "hf",
+            "vocab_file": str(source.tokenizer_file),
+            "seq_length": source.fields["max_position_embeddings"],
+        }
+    )
+    model = GPTNeoX(model_config(config, source.vocab_rows))
+    load_model_state(model, source.weights(), directory)
+    model.to(device).eval()
+    return TrainedModel(model, tokenizer, config, directory, {"step": None})
+
+
+def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Config:
+    """The config with init-from's architecture and tokenizer (a no-op without init-from).
+
+    A model or tokenizer key the config sets to a value other than its default and other than
+    the source's is a conflict, and an error: the source decides the architecture.
+    """
+    if not config.init_from:
+        return config
+    source = model_source(Path(config.init_from))
+    wanted = {
+        **source.fields,
+        "tokenizer_type": "hf",
+        "vocab_file": str(source.tokenizer_file),
+    }
+    conflicts = [
+        f"{name.replace('_', '-')} {getattr(config, name)!r} (it has {value!r})"
+        for name, value in wanted.items()
+        if getattr(config, name) not in (value, FIELDS[name].default)
+    ]
+    if conflicts:
+        raise NeoxlabError(
+            f"the config disagrees with init-from {source.path}: {'; '.join(conflicts)}",
+            hint="leave model and tokenizer keys out: init-from brings them",
+        )
+    updated = dataclasses.replace(config, **wanted)
+    updated.validate()
+    log(
+        f"init-from {source.path}: {updated.num_layers} layers, hidden {updated.hidden_size}, "
+        f"{updated.num_attention_heads} heads, context {updated.context_length}, "
+        f"{updated.activation}, vocabulary {source.vocab_rows} rows"
+    )
+    return updated
+
+
+def init_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
+    """The model of init-from (config already through apply_init_from) with its weights."""
+    assert config.init_from is not None
+    source = model_source(Path(config.init_from))
+    _check_vocab(tokenizer, source.vocab_rows, source.path)
+    model = GPTNeoX(model_config(config, source.vocab_rows))
+    if device.type == "meta":
+        return model.to(device)  # shapes only: a sharded run receives the weights from rank 0
+    load_model_state(model, source.weights(), source.path)
+    return model.to(device)
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+
+def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Write run / checkpoint `path` as a transformers GPTNeoXForCausalLM folder `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NeoxlabError(f"{out} already exists", hint="choose a new --out folder")
+    trained = load_trained(path, torch.device("cpu"))
+    config = trained.config
+    eod_id = token_id(trained.tokenizer, config.eod_token)
+    pad_id = token_id(trained.tokenizer, config.pad_token)
+    out = out.resolve()
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # written under a temporary name, renamed when complete
+        tmp.mkdir(parents=True)
+        weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+        # transformers refuses safetensors files without format metadata
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config = _hf_config(trained, eod_id, pad_id)
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(
+            tmp / "generation_config.json",
+            {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
+        )
+        save_tokenizer(
+            trained.tokenizer,
+            tmp,
+            eod_token=config.eod_token,
+            pad_token=config.pad_token,
+            model_max_length=config.context_length,
+        )
+        tokenizer_config = _read_json(tmp / "tokenizer_config.json")
+        chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+        tokenizer_config["chat_template"] = chat.template()
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        (tmp / "README.md").write_text(_model_card(trained, path), encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as err:
+        raise NeoxlabError(f"could not write {out}: {err.strerror or err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+    log(f"exported {trained.checkpoint} -> {out}")
+    return out
+
+
+def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any]:
+    """config.json readable by transformers 5 (rope_parameters) and 4 (rotary_pct, ...)."""
+    model = trained.model.config
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "intermediate_size": model.intermediate_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "hidden_act": EXPORT_ACTIVATIONS[model.activation],
+        "layer_norm_eps": model.layernorm_eps,
+        "use_parallel_residual": model.parallel_residual,
+        "rotary_pct": model.rotary_pct,
+        "rotary_emb_base": model.rotary_emb_base,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": model.rotary_emb_base,
+            "partial_rotary_factor": model.rotary_pct,
+        },
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+        "hidden_dropout": model.hidden_dropout,
+        "attention_dropout": model.attention_dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": eod_id,
+        "eos_token_id": eod_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def _model_card(trained: TrainedModel, source: Path) -> str:
+    config, state = trained.config, trained.state
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt_neox, neoxlab]",
+        "---",
+        "",
+        f"# {source.name}",
+        "",
+        f"A GPT-NeoX model trained with neoxlab {__version__} and exported to transformers' "
+        "`GPTNeoXForCausalLM`.",
+        "",
+        "## Training",
+        "",
+        f"- architecture: {config.num_layers} layers, hidden size {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, context {config.context_length}, "
+        f"{trained.model.num_parameters():,} parameters",
+    ]
+    if config.init_from:
+        lines.append(f"- started from: `{config.init_from}`")
+    if config.data_path:
+        lines.append(f"- data: `{config.data_path}` ({config.data_format})")
+    lines += [
+        f"- steps: {state.get('step')}, tokens: {state.get('tokens')}, "
+        f"sequence length {config.seq_length}",
+        f"- optimizer: {config.optimizer['type']}, lr {config.lr}, "
+        f"schedule {config.lr_decay_style}, warmup {config.warmup}",
+    ]
+    metrics = _final_metrics(trained.checkpoint, state.get("step"))
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
+    if config.data_format == "chat":
+        chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+        example = chat.text([], add_generation_prompt=True)
+        lines += [
+            "",
+            "## Chat format",
+            "",
+            f"`{config.chat_user_name}: ...` and `{example} ...` turns separated by a blank line, "
+            f"the reply ending with `{config.eod_token}`; tokenizer_config.json carries it as a "
+            "chat template (`tokenizer.apply_chat_template`).",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "Training config (as resolved by neoxlab):",
+        "",
+        "```json",
+        json.dumps(config.to_dict(), indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _final_metrics(checkpoint: Path, step: int | None) -> dict[str, float]:
+    """The checkpoint's last evaluation, from its run (runs/<run>/checkpoints/step_N)."""
+    run_dir = checkpoint.parent.parent
+    if step is None or not (run_dir / "metrics.jsonl").is_file():
+        return {}
+    evaluations = [m for m in read_metrics(run_dir) if "val/loss" in m and m["step"] <= step]
+    if not evaluations:
+        return {}
+    last = evaluations[-1]
+    return {k: v for k, v in last.items() if k.startswith("val/") and isinstance(v, float)}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

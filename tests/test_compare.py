@@ -1,0 +1,105 @@
+"""`neoxlab compare`: a PNG and a table of differences from run directories alone."""
+
+import json
+
+import pytest
+from matplotlib.image import imread
+
+from neoxlab import cli
+from neoxlab.compare import compare, config_differences, load_run
+from neoxlab.config import load_config, save_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_two_tiny_runs(tiny_overrides, tmp_path, capsys):
+    common = [*tiny_overrides, "train-iters=10", "eval-interval=5", "sample-tokens=0", "save=false"]
+    for name, options in (("adamw", ["optimizer.type=AdamW"]), ("sgd", ["optimizer.type=SGD"])):
+        argv = ["train", *common, *options, "lr=0.01", "--name", name, "--no-progress"]
+        assert cli.main(argv) == 0
+    runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
+    capsys.readouterr()
+    argv = ["compare", *runs, "--metric", "val/loss", "--metric", "train/loss", "--out", "c.png"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "c.png"
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    height, width, _ = imread(png).shape
+    assert (width, height) == (1200, 800)  # two metrics x (by step, by tokens)
+    header, *rows = out.split("\n\nwrote")[0].splitlines()
+    assert header.split("  ")[0] == "run" and "best val loss" in header and "wall time" in header
+    assert len(rows) == 2
+    assert {row.split()[0].split("-")[0] for row in rows} == {"adamw", "sgd"}
+    assert "optimizer.type=AdamW" in out and "optimizer.type=SGD" in out
+    assert "lr=" not in out and "run-name" not in out  # only keys that differ and matter
+    # best run first: its best val loss is the smallest
+    best = [float(row.split()[2]) for row in rows]
+    assert best == sorted(best)
+    assert out.rstrip().endswith("wrote c.png")
+
+
+def fake_run(root, name, overrides, val_losses, wall_seconds=None):
+    """A run directory as the trainer leaves it, without training."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    save_config(load_config([], overrides), run_dir / "config.yml")
+    lines = []
+    for index, loss in enumerate(val_losses):
+        step = 10 * index
+        lines.append({"step": step, "tokens": 100 * step, "val/loss": loss})
+        if step:
+            rate = 1000.0 * (index + 1)
+            train = {"train/loss": loss + 0.1, "train/tokens_per_second": rate}
+            lines.append({"step": step, "tokens": 100 * step, **train})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if wall_seconds is not None:
+        (run_dir / "summary.json").write_text(json.dumps({"wall_seconds": wall_seconds}))
+    return run_dir
+
+
+def test_table_ranks_runs_and_shows_only_differences(tmp_path):
+    a = fake_run(tmp_path, "a", ["lr=1e-3", "warmup=5", "log-interval=1"], [3.0, 2.5, 2.6], 75)
+    b = fake_run(tmp_path, "b", ["lr=3e-3", "warmup=5", "log-interval=7"], [3.0, 2.2], 3700)
+    table = compare([a, b], ["val/loss"], tmp_path / "out" / "plot.png")
+    assert (tmp_path / "out" / "plot.png").is_file()
+    lines = table.splitlines()
+    assert lines[1].split() == ["b", "lr=0.003", "2.2000", "2.3000", "2,000", "1h01m"]
+    assert lines[2].split() == ["a", "lr=0.001", "2.5000", "2.7000", "2,500", "1m15s"]
+    # log-interval differs too, but logging keys never change what a run learns
+    assert config_differences([load_run(a), load_run(b)]) == ["lr"]
+
+
+def test_nested_config_values_are_compared_key_by_key(tmp_path):
+    a = fake_run(tmp_path, "a", ["optimizer.params.betas=[0.9,0.95]"], [3.0])
+    b = fake_run(tmp_path, "b", ["optimizer.params.betas=[0.9,0.99]"], [3.0])
+    assert config_differences([load_run(a), load_run(b)]) == ["optimizer.params.betas"]
+
+
+def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
+    old = fake_run(tmp_path, "old", [], [3.0])
+    config = old / "config.yml"
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(line for line in lines if not line.startswith("warmup:")))
+    new = fake_run(tmp_path, "new", [], [3.0])
+    assert config_differences([load_run(old), load_run(new)]) == []
+    newer = fake_run(tmp_path, "newer", ["warmup=5"], [3.0])
+    assert config_differences([load_run(old), load_run(newer)]) == ["warmup"]
+
+
+def test_unknown_metric_names_the_known_ones(tmp_path, capsys):
+    run = fake_run(tmp_path, "a", [], [3.0])
+    assert cli.main(["compare", str(run), "--metric", "val/bleu"]) == 2
+    err = capsys.readouterr().err
+    assert "no run has metric 'val/bleu'" in err and "val/loss" in err
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    assert cli.main(["compare", str(tmp_path)]) == 2
+    assert "not a neoxlab run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds, shown", [(None, "-"), (4.24, "4.2s"), (61, "1m01s")])
+def test_wall_time_format(tmp_path, seconds, shown):
+    run = fake_run(tmp_path, "a", [], [3.0], seconds)
+    assert compare([run], ["val/loss"], tmp_path / "c.png").splitlines()[1].split()[-1] == shown
