@@ -143,3 +143,21 @@ def test_training_with_the_chunked_loss_gives_the_same_losses(tiny_overrides, mo
         result = train(config, progress=False, log=lambda _: None)
         losses.append([m["train/loss"] for m in read_metrics(result.run_dir) if "train/loss" in m])
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_chunked_loss_under_fsdp_matches_one_plain_process(tiny_corpus, tmp_path, monkeypatch):
+    """The custom autograd function sees FSDP2's unsharded head weight and returns its
+    gradient through FSDP's reduce-scatter: 2 ranks give the one-process plain-loss run."""
+    from test_distributed import OVERRIDES, TOLERANCE, losses, only_run, torchrun
+
+    overrides = [*OVERRIDES, f"data-path={tiny_corpus}", "sample-tokens=0", "save=false"]
+    monkeypatch.chdir(tmp_path)
+    reference = train(load_config([], overrides), progress=False, log=lambda _: None).run_dir
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    torchrun([*overrides, "distributed=fsdp", "chunked-cross-entropy=true"], sharded)
+    expected, got = losses(reference), losses(only_run(sharded))
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=TOLERANCE), step

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
 from neoxlab.checkpoint import (
@@ -145,6 +146,8 @@ class StepHealth:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, fp16: bool) -> None:
+        if isinstance(grad_norm, DTensor):  # FSDP2's norm, as a plain tensor (same on all ranks)
+            grad_norm = grad_norm.full_tensor()
         finite_grads = torch.isfinite(grad_norm)
         if fp16:  # overflow is expected: the scaler skips the step and lowers the scale
             self.skipped += ~finite_grads
