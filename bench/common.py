@@ -119,6 +119,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 RECORD_COLUMNS = ("date", "device", "commit", "command")
+NO_ROWS_YET = "No rows yet"  # RESULTS.md's placeholder line in a section without results
 
 
 def record(
@@ -150,10 +151,12 @@ def record(
         table_lines = [i for i in range(start, end) if body[i].startswith("|")]
         if table_lines:  # below the last row: older rows stay
             body[table_lines[-1] + 1 : table_lines[-1] + 1] = new_table[2:]
-        else:  # the section's first table, after its text
-            while end > start + 1 and not body[end - 1].strip():
-                end -= 1
-            body[end:end] = ["", *new_table, ""] if end < len(body) else ["", *new_table]
+        else:  # the section's first table, after its text (and instead of "No rows yet")
+            kept = [line for line in body[start:end] if not line.startswith(NO_ROWS_YET)]
+            while len(kept) > 1 and not kept[-1].strip():
+                kept.pop()
+            after = [""] if end < len(body) else []  # a blank line before the next section
+            body[start:end] = [*kept, "", *new_table, *after]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(body) + "\n", encoding="utf-8")
     tmp.replace(path)

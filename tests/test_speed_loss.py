@@ -92,14 +92,17 @@ def test_chunked_loss_follows_autocast_dtype(small_chunks):
 
 
 def test_chunked_loss_compiles_without_graph_breaks(small_chunks):
-    """fullgraph=True fails on any graph break; aot_eager traces forward and backward on CPU."""
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward on CPU,
+    under autocast as training on a GPU runs it."""
     model = tiny_model(True).train()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     inputs = torch.randint(0, VOCAB, (2, 16))
-    _, loss = compiled(inputs, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = compiled(inputs, inputs)
+        _, eager = model(inputs, inputs)
     loss.backward()
-    _, eager = tiny_model(False).train()(inputs, inputs)
     assert loss.item() == pytest.approx(eager.item(), abs=1e-6)
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_memory_estimate_counts_what_the_chunked_loss_saves():
