@@ -425,7 +425,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     iteration and nothing is recomputed; the backward pass only scales the stored gradients.
     The arithmetic is the plain path's: matmuls in the autocast dtype when autocast is on, the
     softmax in fp32, and the logits' gradient rounded to the matmul dtype before the two
-    gradient matmuls. Written here because torch has no fused linear + cross-entropy.
+    gradient matmuls. Written here because torch has no fused linear + cross-entropy (Liger
+    Kernel's is Triton, CUDA only, and would be a dependency for one function).
     """
 
     @staticmethod

@@ -58,8 +58,8 @@ def model_flops_utilization(
 
 
 def enable_tf32() -> None:
-    """Let fp32 matmuls use TF32 tensor cores (Ampere and later): fp32 runs and the fp32 parts
-    of mixed precision run several times faster, with bf16-like 10-bit mantissas on inputs.
+    """Let fp32 matmuls use TF32 tensor cores (Ampere and later), which round their inputs to
+    10 mantissa bits (fp16's): what fp32 runs and the fp32 matmuls left under autocast gain.
     The legacy setter on purpose: it keeps torch's old and new TF32 flags consistent, and
     torch._inductor still reads the old one (mixing them makes that read raise)."""
     torch.set_float32_matmul_precision("high")

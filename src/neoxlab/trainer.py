@@ -486,9 +486,10 @@ class Trainer:
                 evaluating = (
                     self.step % config.eval_interval == 0 or self.step == config.train_iters
                 )
-                if logging or evaluating:
-                    # The loop's only host syncs, here and in save(): training time so far
-                    # then includes all the GPU work queued before evaluation starts.
+                saving = config.save and (self.step % config.save_interval == 0 or last_step)
+                if logging or evaluating or saving:
+                    # The loop's only host sync: the time of this window then includes all the
+                    # GPU work queued before evaluation or checkpointing starts.
                     self._check_health()
                 if logging:
                     train_loss = float(loss)
@@ -517,7 +518,7 @@ class Trainer:
                 pause_start = time.perf_counter()
                 if evaluating:
                     last_eval = self._eval_and_log(tracker, progress)
-                if config.save and (self.step % config.save_interval == 0 or last_step):
+                if saving:
                     checkpoint = self.save()
                     progress.write(f"saved checkpoint {checkpoint}")
                 # Evaluation and checkpointing are not training time: keep them out of tokens/s.
