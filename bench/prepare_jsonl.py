@@ -5,12 +5,11 @@ plain .jsonl and as .jsonl.zst in a temporary folder. The tokenizer is a byte-le
 on Tiny Shakespeare with GPT-NeoX-20B's vocabulary size (the real 20B tokenizer.json cannot be
 downloaded here; pass --tokenizer to use it). Prints one row per configuration: MB/s of text.
 
-    python bench/prepare_jsonl.py [--megabytes 100] [--tokenizer PATH/tokenizer.json]
+    python bench/prepare_jsonl.py [--megabytes 100] [--tokenizer PATH/tokenizer.json] [--record]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import zstandard
 
 from neoxlab.data.corpora import fetch_shakespeare
@@ -25,6 +25,7 @@ from neoxlab.data.jsonl import prepare_jsonl
 from neoxlab.tokenizer import read_text, train_bpe
 
 GPT_NEOX_20B_VOCAB = 50277
+HEADERS = ["input", "workers", "seconds", "MB/s", "notes"]  # RESULTS.md's columns
 
 
 def generate(folder: Path, megabytes: float, seed: int = 0) -> list[Path]:
@@ -46,23 +47,25 @@ def generate(folder: Path, megabytes: float, seed: int = 0) -> list[Path]:
     return [plain, compressed]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[list[object]]:
+    parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=100)
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: trained here)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    vocab = GPT_NEOX_20B_VOCAB
+    if args.smoke:
+        args.megabytes, args.workers, vocab = 0.05, [1], 300
+    rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tokenizer_file = args.tokenizer
         if tokenizer_file is None:
             tokenizer_file = folder / "tokenizer.json"
             text = read_text(fetch_shakespeare())
-            train_bpe([text], GPT_NEOX_20B_VOCAB).save(str(tokenizer_file))
+            train_bpe([text], vocab).save(str(tokenizer_file))
         plain, compressed = generate(folder, args.megabytes)
         print(f"input: {plain.stat().st_size / 1e6:.1f} MB jsonl, {os.cpu_count()} CPU cores")
-        print("| input | workers | documents | tokens | seconds | MB/s |")
-        print("|---|---|---|---|---|---|")
         for source in (plain, compressed):
             for workers in args.workers:
                 start = time.perf_counter()
@@ -70,11 +73,27 @@ def main() -> None:
                     [source], tokenizer_file, folder / "out", workers=workers, progress=False
                 )
                 seconds = time.perf_counter() - start
-                print(
-                    f"| {source.name} | {workers} | {result.documents:,} | {result.tokens:,} | "
-                    f"{seconds:.1f} | {result.text_bytes / 1e6 / seconds:.1f} |",
-                    flush=True,
+                rows.append(
+                    [
+                        f"{source.name} ({result.text_bytes / 1e6:.1f} MB)",
+                        workers,
+                        f"{seconds:.1f}",
+                        f"{result.text_bytes / 1e6 / seconds:.1f}",
+                        f"{result.documents:,} documents, {result.tokens:,} tokens",
+                    ]
                 )
+    print(common.table(HEADERS, rows))
+    if args.record:
+        device = common.bench_device(smoke=True)  # tokenization runs on the CPU
+        common.record(
+            args.record,
+            "Data preparation: `neoxlab prepare jsonl`",
+            HEADERS,
+            rows,
+            device,
+            common.command(__file__, argv),
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 TOKENIZER_TYPES = ("bpe", "char", "hf")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
+# torch.compile's modes; the two with CUDA graphs (reduce-overhead, max-autotune) are single-GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weights")
 
 FP16_DEFAULTS = {
@@ -132,6 +134,14 @@ class Config:
     )
     checkpoint_activations: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory", "model")
+    )
+    chunked_cross_entropy: bool = field(
+        default=False,
+        metadata=_help(
+            "training loss: output layer + cross-entropy in row chunks, never all logits at "
+            "once (less memory for large vocabularies; same loss)",
+            "model",
+        ),
     )
     init_from: str | None = field(
         default=None,
@@ -292,6 +302,14 @@ class Config:
     compile: str = field(
         default="auto",
         metadata=_help("torch.compile: auto (CUDA sm >= 8.0) | true | false", "training"),
+    )
+    compile_mode: str = field(
+        default="default",
+        metadata=_help(
+            "torch.compile mode: default | reduce-overhead (CUDA graphs: one GPU, small "
+            "models) | max-autotune | max-autotune-no-cudagraphs",
+            "training",
+        ),
     )
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps", "training"))
     distributed: str = field(
@@ -515,6 +533,7 @@ class Config:
         _check_choice("device", self.device, DEVICES)
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         _check_choice("compile", self.compile, ("auto", "true", "false"))
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("data_format", self.data_format, ("text", "chat"))
         for name in ("chat_user_name", "chat_agent_name"):
             value = getattr(self, name)
@@ -1101,6 +1120,7 @@ def model_config(config: Config, vocab_size: int) -> ModelConfig:
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         checkpoint_activations=config.checkpoint_activations,
+        chunked_cross_entropy=config.chunked_cross_entropy,
     )
 
 

@@ -51,19 +51,20 @@ def evaluate(
     total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     byte_count = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    count = 0
+    token_count = torch.zeros((), dtype=torch.int64, device=runtime.device)  # no sync per batch
     for index in range(iters):
         batch = sampler.batch(index, batch_size, stream=EVAL_STREAM).to(runtime.device)
         with runtime.autocast():
             logits, loss = model(batch.inputs, batch.targets, **batch.model_kwargs())
         counted = batch.targets != IGNORE_INDEX
-        tokens = int(counted.sum())
+        tokens = counted.sum()
         total_loss += loss.double() * tokens
         correct += ((logits.argmax(dim=-1) == batch.targets) & counted).sum()
         if token_bytes is not None:
             byte_count += token_bytes[batch.targets.clamp(min=0)][counted].sum()
-        count += tokens
+        token_count += tokens
     model.train(was_training)
+    count = token_count.item()
     loss = total_loss.item() / count
     result = {
         "loss": loss,

@@ -170,6 +170,8 @@ def activation_bytes(config: Config, vocab: int, micro_batch: int, size: int) ->
                    + 2h      dropout masks, 1 byte each, when hidden-dropout > 0
       once           r*h + a*h + h (dropout)   final LayerNorm input and output, embedding dropout
                    + (a + 4)*V                 the logits and their fp32 log-softmax
+                   (chunked-cross-entropy: instead 4*h, the loss's gradient for the final
+                   LayerNorm output, plus 4*V*h once per micro-batch for the head's)
     With checkpoint-activations every block keeps only its input (r*h); the backward pass
     rebuilds one block's activations at a time, so one full block is added back.
     tests/test_algorithms.py checks this against what autograd saves.
@@ -183,10 +185,16 @@ def activation_bytes(config: Config, vocab: int, micro_batch: int, size: int) ->
         block += r * h
     if dropout:
         block += 2 * h
-    once = r * h + size * h + (size + LOG_SOFTMAX_BYTES) * vocab + (h if dropout else 0)
+    once = r * h + size * h + (h if dropout else 0)
+    head = 0  # bytes per micro-batch, whatever its size
+    if config.chunked_cross_entropy:
+        once += 4 * h
+        head = 4 * vocab * h
+    else:
+        once += (size + LOG_SOFTMAX_BYTES) * vocab
     layers = config.num_layers
     if config.checkpoint_activations:
         per_token = layers * r * h + block + once
     else:
         per_token = layers * block + once
-    return micro_batch * config.seq_length * per_token
+    return micro_batch * config.seq_length * per_token + head

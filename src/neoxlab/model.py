@@ -8,6 +8,9 @@ names, so exporting is a plain state_dict copy. The pieces:
 - Rotary position embedding on the first `rotary_pct` of each head's dims (NeoX rotate-half).
 - Parallel residual (x + attn(ln1(x)) + mlp(ln2(x))) by default, sequential optionally.
 - An untied output head without bias.
+
+For large vocabularies the output head and the loss can run in row chunks
+(`chunked_cross_entropy`), so training never holds the (tokens, vocab) logits at once.
 """
 
 import math
@@ -31,6 +34,9 @@ POSITIVE_FIELDS = (
     "max_position_embeddings",
     "intermediate_size",
 )
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (as F.cross_entropy's)
+# Logits per chunk of the chunked loss: 2^26 fp32 values (256 MiB), ~1,300 rows of a 50k vocab.
+LOSS_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -51,6 +57,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+    chunked_cross_entropy: bool = False  # training loss without materialising all logits
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -260,18 +267,27 @@ class GPTNeoX(nn.Module):
         *,
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab) for input_ids (B, T), and the mean cross-entropy against targets
         (B, T) when given, skipping positions whose target is -100.
 
         segment_ids (B, T), for rows that pack several examples, keeps attention within each run
-        of equal ids (give position_ids restarting at 0 per example along with it)."""
-        logits = self._logits(input_ids, position_ids, segment_ids=segment_ids)
+        of equal ids (give position_ids restarting at 0 per example along with it).
+
+        With `chunked_cross_entropy` and gradients enabled (training), the loss is computed in
+        row chunks together with its gradients and the logits are not returned (None)."""
+        hidden = self._hidden(input_ids, position_ids, segment_ids=segment_ids)
+        if targets is not None and self.config.chunked_cross_entropy and torch.is_grad_enabled():
+            loss = LinearCrossEntropy.apply(
+                hidden.flatten(0, 1), self.embed_out.weight, targets.reshape(-1)
+            )
+            return None, loss
+        logits = self.embed_out(hidden)
         if targets is None:
             return logits, None
         # in fp32: a bf16/fp16 softmax over ~50k classes loses too much precision
         loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
         return logits, loss
 
@@ -280,8 +296,17 @@ class GPTNeoX(nn.Module):
         input_ids: Tensor,
         position_ids: Tensor | None,
         caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        return self.embed_out(self._hidden(input_ids, position_ids, caches))
+
+    def _hidden(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None,
+        caches: list[KVCache] | None = None,
         segment_ids: Tensor | None = None,
     ) -> Tensor:
+        """The final LayerNorm's output (B, T, hidden): what the output head reads."""
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
@@ -299,7 +324,7 @@ class GPTNeoX(nn.Module):
                 x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, None if caches is None else caches[i], mask)
-        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+        return self.gpt_neox.final_layer_norm(x)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; exclude_embeddings drops the input embedding (not the output head)."""
@@ -389,6 +414,61 @@ class GPTNeoX(nn.Module):
                 for cache in caches:
                     cache.length = 0
                 logits = self._logits(tokens, None, caches)[:, -1]
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = hidden @ weight.T (rows, vocab) against targets (rows,),
+    computed a chunk of rows at a time, skipping targets equal to IGNORE_INDEX.
+
+    The forward pass also computes each chunk's gradients with respect to hidden and weight
+    (d loss / d logits = (softmax - one-hot) / count), so no chunk's logits outlive their loop
+    iteration and nothing is recomputed; the backward pass only scales the stored gradients.
+    The arithmetic is the plain path's: matmuls in the autocast dtype when autocast is on, the
+    softmax in fp32, and the logits' gradient rounded to the matmul dtype before the two
+    gradient matmuls. Written here because torch has no fused linear + cross-entropy (Liger
+    Kernel's is Triton, CUDA only, and would be a dependency for one function).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+        counted = targets != IGNORE_INDEX
+        count = counted.sum()
+        # all targets ignored: the plain path's loss is NaN (0 / 0); its gradients are zero
+        inverse_count = 1.0 / count.clamp(min=1).float()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+        with torch.autocast(device_type, enabled=False):  # dtypes are explicit here
+            for start in range(0, hidden.size(0), rows):
+                chunk = slice(start, start + rows)
+                log_probs = (hidden_c[chunk] @ weight_c.T).float().log_softmax(dim=-1)
+                targets_c, counted_c = targets[chunk], counted[chunk]
+                picked = targets_c.clamp(min=0)[:, None]  # a valid index for ignored rows too
+                total -= (log_probs.gather(1, picked).squeeze(1) * counted_c).sum()
+                if not need_grads:
+                    continue
+                grad_logits = log_probs.exp_()
+                grad_logits.scatter_add_(1, picked, torch.full_like(grad_logits[:, :1], -1.0))
+                grad_logits *= (counted_c * inverse_count)[:, None]
+                grad_logits = grad_logits.to(dtype)
+                grad_hidden[chunk] = grad_logits @ weight_c
+                grad_weight += (grad_logits.T @ hidden_c[chunk]).float()
+        if need_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None
 
 
 def sample_next_token(

@@ -1,4 +1,4 @@
-"""Hardware decisions: device, precision, torch.compile, and peak FLOP/s for MFU."""
+"""Hardware decisions: device, precision, torch.compile, TF32, and peak FLOP/s for MFU."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("T4", 65e12
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# torch.compile modes that capture CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     precision: str  # fp32 | fp16 | bf16
     compile: bool
+    compile_mode: str = "default"  # torch.compile's mode, when compile is on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -30,11 +34,35 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled model replays CUDA graphs (each step must then be marked)."""
+        return self.compile and self.device.type == "cuda" and self.compile_mode in CUDA_GRAPH_MODES
+
+    def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` through torch.compile in the chosen mode, or itself when compile is off."""
+        return torch.compile(model, mode=self.compile_mode) if self.compile else model
+
     def peak_flops(self) -> float | None:
         if self.device.type != "cuda":
             return None
         name = torch.cuda.get_device_name(self.device)
         return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def model_flops_utilization(
+    flops_per_token: float, tokens_per_second: float, peak_per_device: float, devices: int
+) -> float:
+    """MFU: the model FLOP/s achieved by all `devices` together over their summed peak."""
+    return flops_per_token * tokens_per_second / (peak_per_device * devices)
+
+
+def enable_tf32() -> None:
+    """Let fp32 matmuls use TF32 tensor cores (Ampere and later), which round their inputs to
+    10 mantissa bits (fp16's): what fp32 runs and the fp32 matmuls left under autocast gain.
+    The legacy setter on purpose: it keeps torch's old and new TF32 flags consistent, and
+    torch._inductor still reads the old one (mixing them makes that read raise)."""
+    torch.set_float32_matmul_precision("high")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -58,9 +86,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_runtime(device: str, precision: str, compile_setting: str, notice=print) -> Runtime:
-    """`precision` is the config's request (auto | fp32 | fp16 | bf16)."""
+def resolve_runtime(
+    device: str, precision: str, compile_setting: str, notice=print, compile_mode: str = "default"
+) -> Runtime:
+    """`precision` is the config's request (auto | fp32 | fp16 | bf16). On CUDA this also turns
+    TF32 on for the process."""
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        enable_tf32()
     if dev.type != "cuda":
         if precision in ("fp16", "bf16"):
             notice(f"note: {precision} requested but running on {dev.type}: training in fp32")
@@ -79,4 +112,4 @@ def resolve_runtime(device: str, precision: str, compile_setting: str, notice=pr
         use_compile = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8
     else:
         use_compile = compile_setting == "true"
-    return Runtime(dev, chosen, use_compile)
+    return Runtime(dev, chosen, use_compile, compile_mode)

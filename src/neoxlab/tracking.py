@@ -504,7 +504,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, lr and tokens/s (ETA comes with tqdm)."""
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and MFU (ETA from tqdm)."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
         self.bar = tqdm(
@@ -514,8 +514,13 @@ class Progress:
     def advance(self) -> None:
         self.bar.update(1)
 
-    def show(self, loss: float, lr: float, tokens_per_second: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+    def show(
+        self, loss: float, lr: float, tokens_per_second: float, mfu: float | None = None
+    ) -> None:
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_second:,.0f}"}
+        if mfu is not None:  # only where the GPU's peak is known
+            postfix["mfu"] = f"{mfu:.1%}"
+        self.bar.set_postfix(postfix)
 
     def write(self, message: str) -> None:
         self.bar.write(message)

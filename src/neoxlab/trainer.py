@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
 from neoxlab.checkpoint import (
@@ -23,13 +25,14 @@ from neoxlab.checkpoint import (
     save_checkpoint,
 )
 from neoxlab.config import Config, model_config, padded_vocab_size, save_config
+from neoxlab.data.batches import on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
 from neoxlab.hf import apply_init_from, init_model
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
-from neoxlab.runtime import Runtime, resolve_runtime
+from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
 from neoxlab.tokenizer import encode, save_tokenizer
 from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
 
@@ -130,6 +133,45 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class StepHealth:
+    """What the steps since the last check left on the device, kept there so that the hot loop
+    never waits for the GPU: the first step whose loss or gradient norm was not finite (with
+    both values), and how many steps had non-finite gradients (under fp16 the GradScaler skipped
+    exactly those: it skips a step when an unscaled gradient is inf/NaN, which makes the norm
+    inf/NaN). `Trainer._check_health` reads them in one sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_values = torch.zeros(2, device=device)  # loss, grad norm of that step
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, fp16: bool) -> None:
+        if isinstance(grad_norm, DTensor):  # FSDP2's norm, as a plain tensor (same on all ranks)
+            grad_norm = grad_norm.full_tensor()
+        finite_grads = torch.isfinite(grad_norm)
+        if fp16:  # overflow is expected: the scaler skips the step and lowers the scale
+            self.skipped += ~finite_grads
+            return
+        # a non-finite gradient has already reached the weights through the optimizer step
+        first = (~torch.isfinite(loss) | ~finite_grads) & (self.first_bad_step < 0)
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        self.bad_values = torch.where(first, values, self.bad_values)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+
+    def read(self) -> tuple[int, float, float, int]:
+        """(first bad step or -1, its loss, its grad norm, skipped steps); resets `skipped`."""
+        packed = torch.cat(
+            [
+                self.first_bad_step[None].double(),
+                self.bad_values.double(),
+                self.skipped[None].double(),
+            ]
+        )
+        first_bad, loss, grad_norm, skipped = packed.tolist()
+        self.skipped.zero_()
+        return int(first_bad), loss, grad_norm, int(skipped)
+
+
 class Trainer:
     """Holds the state of one run; `run()` trains until train-iters or exit-interval."""
 
@@ -151,8 +193,18 @@ class Trainer:
         # init-from decides the architecture and tokenizer; the run's config.yml records them
         self.config = config = apply_init_from(config, log)
         self.runtime = resolve_runtime(
-            config.device, config.requested_precision(), config.compile, notice=log
+            config.device,
+            config.requested_precision(),
+            config.compile,
+            notice=log,
+            compile_mode=config.compile_mode,
         )
+        if self.runtime.cuda_graphs and distributed.world_from_environment().distributed:
+            raise NeoxlabError(
+                f"compile-mode {config.compile_mode} captures CUDA graphs, which neoxlab "
+                "supports on one GPU only",
+                hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
+            )
         self.world, device = distributed.init_world(self.runtime.device)
         self.runtime = dataclasses.replace(self.runtime, device=device)
         self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
@@ -177,6 +229,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed = 0.0
         self.skipped_steps = 0
+        self.health = StepHealth(device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         if resume is not None:
             self.run_dir = resume
@@ -184,7 +237,10 @@ class Trainer:
         else:
             created = new_run_dir(config.run_name) if self.world.is_main else None
             self.run_dir = distributed.broadcast_from_main(created, self.world)
-        self.train_sampler, self.val_sampler = build_samplers(config, self.data)
+        train_sampler, val_sampler = build_samplers(config, self.data)
+        # Same batches, fed faster: small corpora on the GPU, others prefetched (batches.py).
+        self.train_sampler = on_device(train_sampler, device)
+        self.val_sampler = on_device(val_sampler, device, prefetch=False)
 
     def _prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes and caches first; the other ranks then read its cache."""
@@ -254,6 +310,7 @@ class Trainer:
         root = checkpoint_root(self.config, self.run_dir)
         if root is None:
             return None
+        self._check_health()  # never write the weights of a diverged run
         # Every rank joins the gather; rank 0 writes the same folder a single process writes.
         weights, optimizer_state = distributed.full_state(self.model, self.optimizer)
         path = None
@@ -315,7 +372,11 @@ class Trainer:
         )
 
     def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm)."""
+        """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm).
+
+        Nothing here waits for the GPU: loss and grad norm stay on the device, and the checks
+        DESIGN asks for (non-finite loss, fp16 skipped steps) go through `self.health`, read at
+        log, eval and save steps by `_check_health`."""
         set_lr(self.optimizer, lr_at(self.step, self.config))
         batch = self.train_sampler.batch(self.step, self.global_batch)
         loss_sum = torch.zeros((), device=self.runtime.device)
@@ -326,33 +387,44 @@ class Trainer:
             micro = batch.rows(first, first + self.micro_batch).to(self.runtime.device)
             # Gradients are reduced across ranks once per step, after the last micro-batch.
             with distributed.gradient_sync(model, index == self.accumulation - 1):
+                if self.runtime.cuda_graphs:
+                    # a new step: outputs of earlier graph replays may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.runtime.autocast():
                     _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
                 self.scaler.scale(loss / self.accumulation).backward()
             loss_sum += loss.detach().float()
-        # Every rank sees the same global loss, so all stop together if it is not finite.
+        # Every rank sees the same global loss (and grad norm), so all stop together.
         loss = distributed.mean_across_ranks(loss_sum / self.accumulation, self.world)
-        if self.runtime.precision != "fp16" and not torch.isfinite(loss):
-            self._diverged(float(loss))
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), self.config)
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # fused AdamW skips overflowed steps on the device
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():
-            if self.scaler.get_scale() < scale_before:
-                self.skipped_steps += 1  # overflow: the scaler skipped this step
-            if self.scaler.get_scale() < self.config.fp16["min_loss_scale"]:
-                self._diverged(float(loss), reason="the fp16 loss scale fell below min-loss-scale")
+        self.health.record(self.step + 1, loss, grad_norm, fp16=self.scaler.is_enabled())
         return loss, grad_norm
 
-    def _diverged(self, loss: float, reason: str = "the loss became non-finite") -> None:
+    def _check_health(self) -> None:
+        """Count the skipped fp16 steps and stop at a diverged run: one host sync."""
+        first_bad, loss, grad_norm, skipped = self.health.read()
+        self.skipped_steps += skipped
+        if first_bad >= 0:
+            if math.isfinite(loss):
+                self._diverged(first_bad, "the gradient norm became non-finite", grad_norm)
+            else:
+                self._diverged(first_bad, "the loss became non-finite", loss)
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            if scale < self.config.fp16["min_loss_scale"]:
+                reason = "the fp16 loss scale fell below min-loss-scale"
+                self._diverged(self.step, reason, scale)
+
+    def _diverged(self, step: int, reason: str, value: float) -> None:
         root = checkpoint_root(self.config, self.run_dir)
         last = latest_checkpoint(root) if root else None
         where = f"last good checkpoint: {last}" if last else "no checkpoint was saved"
         raise NeoxlabError(
-            f"training stopped at step {self.step + 1}: {reason} ({loss}); {where}",
+            f"training stopped at step {step}: {reason} ({value}); {where}",
             hint="lower lr, raise warmup or gradient-clipping, then resume or restart",
         )
 
@@ -378,7 +450,7 @@ class Trainer:
         model = self.model
         if self.world.distributed and not self.sharded:
             model = distributed.wrap_ddp(model, self.runtime.device)
-        model = torch.compile(model) if self.runtime.compile else model
+        model = self.runtime.compiled(model)
         end = min(config.train_iters, config.exit_interval or config.train_iters)
         flops_per_token = self.model.flops_per_token(config.seq_length)
         peak = self.runtime.peak_flops()
@@ -410,8 +482,17 @@ class Trainer:
                 window_tokens += step_tokens
                 progress.advance()
                 last_step = self.step == end
-                if self.step % config.log_interval == 0 or self.step == 1 or last_step:
-                    train_loss = float(loss)  # the only host sync: once per log interval
+                logging = self.step % config.log_interval == 0 or self.step == 1 or last_step
+                evaluating = (
+                    self.step % config.eval_interval == 0 or self.step == config.train_iters
+                )
+                saving = config.save and (self.step % config.save_interval == 0 or last_step)
+                if logging or evaluating or saving:
+                    # The loop's only host sync: the time of this window then includes all the
+                    # GPU work queued before evaluation or checkpointing starts.
+                    self._check_health()
+                if logging:
+                    train_loss = float(loss)
                     seconds = time.perf_counter() - window_start
                     self.elapsed += seconds
                     tokens_per_second = window_tokens / max(seconds, 1e-9)
@@ -425,14 +506,19 @@ class Trainer:
                         "train/skipped_steps": self.skipped_steps,
                     }
                     if peak:
-                        record["train/mfu"] = flops_per_token * tokens_per_second / peak
+                        # tokens/s counts every rank's tokens: divide by all ranks' peak
+                        record["train/mfu"] = model_flops_utilization(
+                            flops_per_token, tokens_per_second, peak, self.world.world_size
+                        )
                     tracker.log(record)
-                    progress.show(train_loss, record["train/lr"], tokens_per_second)
+                    progress.show(
+                        train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
+                    )
                     window_start, window_tokens = time.perf_counter(), 0
                 pause_start = time.perf_counter()
-                if self.step % config.eval_interval == 0 or self.step == config.train_iters:
+                if evaluating:
                     last_eval = self._eval_and_log(tracker, progress)
-                if config.save and (self.step % config.save_interval == 0 or last_step):
+                if saving:
                     checkpoint = self.save()
                     progress.write(f"saved checkpoint {checkpoint}")
                 # Evaluation and checkpointing are not training time: keep them out of tokens/s.
