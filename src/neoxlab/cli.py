@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shlex
 import signal
 import sys
 import textwrap
@@ -364,10 +365,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"step {result.step} | best val loss {best}")
     if not result.finished:
         why = f"{result.stopped_by} received" if result.stopped_by else "stopped early"
-        print(
-            f"{why} at step {result.step}; continue with: "
-            f"neoxlab train {' '.join(args.items)} --resume {result.run_dir}"
-        )
+        # --resume first: KEY=VALUE overrides appended to the command still parse
+        command = shlex.join(["neoxlab", "train", "--resume", str(result.run_dir), *args.items])
+        print(f"{why} at step {result.step}; continue with: {command}")
     if result.stopped_by:
         # 128 + the signal number, as the shell reports a process the signal ended: scripts
         # chaining `neoxlab train && ...` must not carry on with an unfinished run.
