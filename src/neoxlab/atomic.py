@@ -9,6 +9,7 @@ NeoxlabError naming the path and the reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,8 +43,12 @@ def remove_temporaries(folder: Path) -> None:
 
 
 def write_error(path: Path, err: Exception) -> NeoxlabError:
-    """The one-line error for a failed write of `path`."""
+    """The one-line error for a failed write of `path` (an OSError, or a library's error that
+    wraps one, as safetensors' "I/O error: No space left on device (os error 28)")."""
     reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", reason)
+    if wrapped:
+        reason = wrapped.group(1)
     return NeoxlabError(
         f"could not write {path}: {reason}",
         hint="free disk space or fix permissions; what was there before is untouched",

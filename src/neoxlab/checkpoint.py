@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,10 +89,7 @@ def save_checkpoint(
         state_dict = model if isinstance(model, Mapping) else model.state_dict()
         weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        # Unbuffered: a failed write surfaces as the OSError itself (ENOSPC, ...), where a
-        # buffered file makes torch report a position mismatch instead.
-        with open(tmp / "optimizer.pt", "wb", buffering=0) as handle:
-            torch.save(training_state, handle)
+        _save_training_state(training_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         _fsync_dir_files(tmp)
@@ -109,6 +107,19 @@ def save_checkpoint(
             with contextlib.suppress(OSError):  # pruning is tidying: it never stops a run
                 _discard(old)
     return final
+
+
+def _save_training_state(training_state: dict[str, Any], path: Path) -> None:
+    # Unbuffered, so that a failed write (ENOSPC, ...) reaches torch as the OSError itself;
+    # torch's zip writer then fails once more while closing and raises a RuntimeError about
+    # file positions: the OSError it was handling is the reason to report.
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            torch.save(training_state, handle)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def _discard(checkpoint: Path) -> None:
@@ -153,7 +164,7 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise NeoxlabError(f"checkpoint {checkpoint} has no optimizer.pt, so it cannot resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as err:
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeoxlabError(
             f"refusing to load {path}: not a plain tensor checkpoint ({first_line})",

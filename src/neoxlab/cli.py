@@ -568,7 +568,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse ends the CONFIG|KEY=VALUE list at the first option (`a=1 --wandb b=2`):
+        # what follows comes back here and joins the list; anything else is a mistake.
+        positional = "items" if hasattr(args, "items") else "overrides"
+        if extra and hasattr(args, positional) and not any(e.startswith("-") for e in extra):
+            setattr(args, positional, [*getattr(args, positional), *extra])
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.handler(args)
     except NeoxlabError as err:
         message = f"error: {err.message}"

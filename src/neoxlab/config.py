@@ -391,7 +391,8 @@ class Config:
         metadata=_help("keep only the newest N checkpoints (alias keep-last-k)", "checkpointing"),
     )
     exit_interval: int | None = field(
-        default=None, metadata=_help("stop (with a checkpoint) at this step", "checkpointing")
+        default=None,
+        metadata=_help("stop (with a checkpoint) at each multiple of this step", "checkpointing"),
     )
     load: str | None = field(
         default=None,

@@ -391,7 +391,10 @@ class Trainer:
         if self.world.distributed and not self.sharded:
             model = distributed.wrap_ddp(model, self.runtime.device)
         model = torch.compile(model) if self.runtime.compile else model
-        end = min(config.train_iters, config.exit_interval or config.train_iters)
+        end = config.train_iters
+        if config.exit_interval:
+            # As gpt-neox: stop at the next multiple, so each resumed part trains that many steps.
+            end = min(end, (self.step // config.exit_interval + 1) * config.exit_interval)
         flops_per_token = self.model.flops_per_token(config.seq_length)
         peak = self.runtime.peak_flops()
         self.log(

@@ -106,6 +106,8 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_shakespeare_jsonl(text, path)
     documents = _read_documents(path, config)
+    if not any(d.text for d in documents):
+        raise NeoxlabError(f"data file {path} holds only empty texts")
     tokenizer_file = _tokenizer_path(config, path)
     if not tokenizer_file.exists():
         _train_tokenizer(config, documents, tokenizer_file, log)
