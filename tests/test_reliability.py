@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from test_indexed import replace_at
 from test_tracking import FAKE_KEY, leet, offline_folders, wandb_home  # noqa: F401 (fixture)
 
@@ -45,10 +46,20 @@ def one_line_error(capsys) -> str:
     return err
 
 
-def checkpointed_run(overrides, step=10):
-    """A run stopped at `step` with a checkpoint there."""
-    config = load_config([], [*overrides, f"exit-interval={step}"])
-    return train(config, progress=False, log=lambda _: None).run_dir
+@pytest.fixture(scope="module")
+def stopped_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A tiny run stopped at step 10 with a checkpoint there, trained once for this module."""
+    overrides = [*TINY_MODEL, f"data-path={tiny_corpus}", "device=cpu", "sample-tokens=0"]
+    config = load_config([], [*overrides, "exit-interval=10"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("stopped"))
+        return train(config, progress=False, log=lambda _: None).run_dir
+
+
+@pytest.fixture
+def run_dir(stopped_run, tmp_path) -> Path:
+    """A copy of that run for one test to resume, damage or fill the disk under."""
+    return Path(shutil.copytree(stopped_run, tmp_path / "runs" / stopped_run.name))
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -100,8 +111,7 @@ def unwritable(folder: Path):
 
 
 @pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.pt"])
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_overrides, capsys, failing):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(run_dir, capsys, failing):
     checkpoints = run_dir / "checkpoints"
     before = digests(checkpoints)
     weights = (checkpoints / "step_0000010" / "model.safetensors").stat().st_size
@@ -120,8 +130,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_overrides, ca
     assert [c.name for c in list_checkpoints(checkpoints)] == ["step_0000010", "step_0000020"]
 
 
-def test_unwritable_checkpoint_folder_keeps_the_previous_checkpoint(tiny_overrides, capsys):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_unwritable_checkpoint_folder_keeps_the_previous_checkpoint(run_dir, capsys):
     checkpoints = run_dir / "checkpoints"
     before = digests(checkpoints)
     with unwritable(checkpoints):
@@ -182,8 +191,7 @@ def test_writer_failures_are_errors_that_leave_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_line_torn_by_a_kill_does_not_break_resume_or_reading(tiny_overrides):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_a_line_torn_by_a_kill_does_not_break_resume_or_reading(run_dir, tiny_overrides):
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write('{"step": 11, "tokens": 1408, "train/lo')  # what a SIGKILL can leave
     assert read_metrics(run_dir)[-1]["step"] == 10
@@ -328,8 +336,7 @@ def test_tokenizer_file_that_is_not_json(tmp_path, tiny_overrides, capsys):
     assert "is not a tokenizer.json file" in one_line_error(capsys)
 
 
-def test_resume_with_another_model_shape_or_tokenizer(tiny_overrides, tmp_path, capsys):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_resume_with_another_model_shape_or_tokenizer(run_dir, tmp_path, capsys):
     config_before = (run_dir / "config.yml").read_bytes()
     resume = ["train", "--resume", str(run_dir), "--no-progress"]
     assert main([*resume, "hidden-size=64"]) == 2
@@ -342,8 +349,7 @@ def test_resume_with_another_model_shape_or_tokenizer(tiny_overrides, tmp_path, 
     assert (run_dir / "config.yml").read_bytes() == config_before  # nothing rewritten
 
 
-def test_generation_prompt_longer_than_the_context(tiny_overrides, capsys):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_generation_prompt_longer_than_the_context(run_dir, capsys):
     assert main(["generate", str(run_dir), "--prompt", "long " * 200, "--device", "cpu"]) == 2
     assert "longer than" in one_line_error(capsys)
 
@@ -370,10 +376,7 @@ class _Payload:
         return (pathlib.Path.write_text, (self.marker, "code ran"))
 
 
-def test_pickle_bomb_checkpoint_is_refused_on_resume_and_never_runs(
-    tiny_overrides, tmp_path, capsys
-):
-    run_dir = checkpointed_run([*tiny_overrides, "sample-tokens=0"])
+def test_pickle_bomb_checkpoint_is_refused_on_resume_and_never_runs(run_dir, tmp_path, capsys):
     optimizer = run_dir / "checkpoints" / "step_0000010" / "optimizer.pt"
     # The bomb is live: an unguarded torch.load runs it.
     armed = tmp_path / "armed"

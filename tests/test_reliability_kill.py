@@ -21,6 +21,7 @@ from neoxlab.cli import main
 from neoxlab.config import load_config
 from neoxlab.data.prepare import prepare_data
 from neoxlab.tokenizer import load_tokenizer
+from neoxlab.tracking import Tracker, read_metrics
 from neoxlab.trainer import train
 
 # `neoxlab train` with test hooks that hold the process inside a checkpoint write until the test
@@ -246,8 +247,7 @@ def test_signal_mid_run_resumes_exactly_and_a_second_one_stops_at_once(
     tiny_overrides, monkeypatch, capsys
 ):
     """In-process: the signal lands at a chosen step (a hook on the metrics log), the run stops
-    there with a checkpoint, and resuming gives the uninterrupted run's weights."""
-    from neoxlab.tracking import Tracker
+    after the next step with a checkpoint, and resuming gives the uninterrupted run's weights."""
 
     overrides = [*tiny_overrides, "hidden-dropout=0.1", "log-interval=1", "sample-tokens=0"]
     log = Tracker.log
@@ -262,9 +262,11 @@ def test_signal_mid_run_resumes_exactly_and_a_second_one_stops_at_once(
     handler = signal.getsignal(signal.SIGINT)
     quiet = {"progress": False, "log": lambda _: None}
     full = train(load_config([], [*overrides, "run-name=full"]), **quiet)
-    signals_at[7] = 1
+    signals_at[7] = 1  # while step 7 is logged: step 8 is the last, logged and saved
     stopped = train(load_config([], [*overrides, "run-name=part"]), **quiet)
-    assert (stopped.step, stopped.finished, stopped.stopped_by) == (7, False, "SIGINT")
+    assert (stopped.step, stopped.finished, stopped.stopped_by) == (8, False, "SIGINT")
+    assert [m["step"] for m in read_metrics(stopped.run_dir) if "train/loss" in m][-1] == 8
+    assert [c.name for c in list_checkpoints(stopped.run_dir / "checkpoints")] == ["step_0000008"]
     signals_at.clear()
     resumed = train(load_config([], overrides), resume=stopped.run_dir, **quiet)
     assert resumed.finished
@@ -278,3 +280,32 @@ def test_signal_mid_run_resumes_exactly_and_a_second_one_stops_at_once(
     assert capsys.readouterr().err.endswith("interrupted\n")
     (run_dir,) = Path.cwd().glob("runs/twice-*")
     assert list_checkpoints(run_dir / "checkpoints") == []
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step(tiny_corpus, tmp_path):
+    """torchrun forwards SIGTERM to each rank; ranks that stopped at different steps would hang
+    in the next collective. They agree (a vote), rank 0 saves, and the job ends."""
+    run = [*RUN, "train-iters=1000", "save-interval=1000", f"data-path={tiny_corpus}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = subprocess.Popen(
+        [*command, "-m", "neoxlab", "train", *run, "--name", "ranks", "--no-progress"],
+        cwd=tmp_path,
+        env=environment(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    runs = tmp_path / "runs"
+    wait_for(
+        lambda: any(max(logged_steps(d), default=0) >= 3 for d in runs.glob("ranks-*")),
+        process,
+        "step 3",
+    )
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=TIMEOUT)  # a hang would time out here
+    (run_dir,) = runs.glob("ranks-*")
+    (checkpoint,) = assert_checkpoints_readable(run_dir)
+    step = read_state(checkpoint)["step"]
+    assert f"SIGTERM received at step {step}; continue with" in out, out + err
+    assert max(logged_steps(run_dir)) == step  # no rank went on training

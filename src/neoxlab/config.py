@@ -807,6 +807,8 @@ def flatten_layer(
 
 
 def _resolve(base_dir: Path, path: str) -> str:
+    if "\0" in path:  # no filesystem takes one (os functions raise ValueError)
+        raise NeoxlabError(f"path {path!r} contains a NUL character")
     try:
         expanded = Path(path).expanduser()
     except RuntimeError:  # ~name of a user this machine does not know

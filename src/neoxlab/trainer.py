@@ -425,7 +425,8 @@ class Trainer:
                 self.tokens += step_tokens
                 window_tokens += step_tokens
                 progress.advance()
-                last_step = self.step == end
+                stop = signals.requested()  # a signal: this step is the last, logged and saved
+                last_step = self.step == end or bool(stop)
                 if self.step % config.log_interval == 0 or self.step == 1 or last_step:
                     train_loss = float(loss)  # the only host sync: once per log interval
                     seconds = time.perf_counter() - window_start
@@ -448,8 +449,7 @@ class Trainer:
                 pause_start = time.perf_counter()
                 if self.step % config.eval_interval == 0 or self.step == config.train_iters:
                     last_eval = self._eval_and_log(tracker, progress)
-                stop = signals.requested()
-                if config.save and (self.step % config.save_interval == 0 or last_step or stop):
+                if config.save and (self.step % config.save_interval == 0 or last_step):
                     checkpoint = self.save()
                     progress.write(f"saved checkpoint {checkpoint}")
                 # Evaluation and checkpointing are not training time: keep them out of tokens/s.
