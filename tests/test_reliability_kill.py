@@ -250,6 +250,7 @@ def test_signal_mid_run_resumes_exactly_and_a_second_one_stops_at_once(
     after the next step with a checkpoint, and resuming gives the uninterrupted run's weights."""
 
     overrides = [*tiny_overrides, "hidden-dropout=0.1", "log-interval=1", "sample-tokens=0"]
+    overrides += ["train-iters=12", "eval-interval=6"]
     log = Tracker.log
     signals_at = {}
 
@@ -270,8 +271,8 @@ def test_signal_mid_run_resumes_exactly_and_a_second_one_stops_at_once(
     signals_at.clear()
     resumed = train(load_config([], overrides), resume=stopped.run_dir, **quiet)
     assert resumed.finished
-    a = load_file(str(full.run_dir / "checkpoints/step_0000020/model.safetensors"))
-    b = load_file(str(resumed.run_dir / "checkpoints/step_0000020/model.safetensors"))
+    a = load_file(str(full.run_dir / "checkpoints/step_0000012/model.safetensors"))
+    b = load_file(str(resumed.run_dir / "checkpoints/step_0000012/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert signal.getsignal(signal.SIGINT) is handler  # restored after the run
 

@@ -12,7 +12,7 @@ from neoxlab.config import load_config
 from neoxlab.tracking import read_metrics
 from neoxlab.trainer import train
 
-CYCLES = int(os.environ.get("NEOXLAB_SOAK_CYCLES", "12"))
+CYCLES = int(os.environ.get("NEOXLAB_SOAK_CYCLES", "10"))
 STEPS_PER_CYCLE = 2
 MAX_GROWTH_BYTES = 50 * 2**20
 PROC = Path("/proc/self")
