@@ -4,14 +4,16 @@ A checkpoint is `step_NNNNNNN/` with `model.safetensors` (weights), `optimizer.p
 loss scaler and RNG states: tensors and plain Python values only, so it loads with
 `torch.load(weights_only=True)`), `state.json` (step, tokens, config, ...) and the run's
 `tokenizer.json`, so a checkpoint folder alone is enough to generate or evaluate. Folders are
-written under a temporary name and renamed, so a crash never leaves a half-written checkpoint
-where a reader would find it.
+written under a temporary name and renamed (and renamed before they are deleted), so a crash
+never leaves a half-written or half-deleted checkpoint where a reader would find it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,13 +26,19 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from neoxlab.atomic import (
+    fsync_directory,
+    is_temporary,
+    remove_temporaries,
+    temporary_path,
+    write_error,
+)
 from neoxlab.config import Config, config_from_dict, model_config, padded_vocab_size, read_yaml
 from neoxlab.errors import NeoxlabError
 from neoxlab.model import GPTNeoX
 from neoxlab.tokenizer import load_tokenizer
 
 STEP_PREFIX = "step_"
-TMP_MARKER = ".tmp-"
 FILES = ("model.safetensors", "optimizer.pt", "state.json", "tokenizer.json")
 
 
@@ -47,7 +55,7 @@ def list_checkpoints(root: Path) -> list[Path]:
         for path in root.iterdir()
         if path.is_dir()
         and path.name.startswith(STEP_PREFIX)
-        and TMP_MARKER not in path.name
+        and not is_temporary(path)
         and (path / "state.json").is_file()
     ]
     return sorted(found, key=lambda p: p.name)
@@ -69,35 +77,57 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` under `root` atomically; prune to the newest `keep_last`.
 
-    `model` is the module or its full state dict (what a sharded run gathers on rank 0)."""
-    root.mkdir(parents=True, exist_ok=True)
+    `model` is the module or its full state dict (what a sharded run gathers on rank 0).
+    A failed write (disk full, no permission) is a NeoxlabError and leaves every earlier
+    checkpoint as it was."""
     final = root / checkpoint_name(step)
-    tmp = root / f"{final.name}{TMP_MARKER}{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temporary_path(final)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(root)  # what a killed save or prune left behind
         tmp.mkdir()
         state_dict = model if isinstance(model, Mapping) else model.state_dict()
         weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        torch.save(training_state, tmp / "optimizer.pt")
+        _save_training_state(training_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         _fsync_dir_files(tmp)
         if final.exists():
-            # Only happens when a resumed run re-saves the step it resumed from.
-            shutil.rmtree(final)
+            # Only when a resumed run re-saves the step it resumed from. A kill from here to
+            # the rename leaves the earlier checkpoints, never a half-deleted one.
+            _discard(final)
         tmp.rename(final)
-    except OSError as err:
+        fsync_directory(root)
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise NeoxlabError(
-            f"could not write checkpoint {final}: {err.strerror or err}",
-            hint="free disk space or fix permissions; the previous checkpoint is untouched",
-        ) from None
+        raise write_error(final, err) from None
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # pruning is tidying: it never stops a run
+                _discard(old)
     return final
+
+
+def _save_training_state(training_state: dict[str, Any], path: Path) -> None:
+    # Unbuffered, so that a failed write (ENOSPC, ...) reaches torch as the OSError itself;
+    # torch's zip writer then fails once more while closing and raises a RuntimeError about
+    # file positions: the OSError it was handling is the reason to report.
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            torch.save(training_state, handle)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint folder; renamed to a temporary name first, so that a kill halfway
+    through the deletion leaves a folder no reader takes for a checkpoint."""
+    doomed = temporary_path(checkpoint, "-deleted")
+    checkpoint.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_dir_files(directory: Path) -> None:
@@ -134,7 +164,7 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise NeoxlabError(f"checkpoint {checkpoint} has no optimizer.pt, so it cannot resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as err:
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeoxlabError(
             f"refusing to load {path}: not a plain tensor checkpoint ({first_line})",

@@ -7,6 +7,9 @@ returns exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from neoxlab.config import Config
 
 EXIT_USER_ERROR = 2
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -360,10 +364,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"\nrun: {result.run_dir}")
     print(f"step {result.step} | best val loss {best}")
     if not result.finished:
-        print(
-            f"stopped early at step {result.step}; continue with: "
-            f"neoxlab train {' '.join(args.items)} --resume {result.run_dir}"
-        )
+        why = f"{result.stopped_by} received" if result.stopped_by else "stopped early"
+        # --resume first: KEY=VALUE overrides appended to the command still parse
+        command = shlex.join(["neoxlab", "train", "--resume", str(result.run_dir), *args.items])
+        print(f"{why} at step {result.step}; continue with: {command}")
+    if result.stopped_by:
+        # 128 + the signal number, as the shell reports a process the signal ended: scripts
+        # chaining `neoxlab train && ...` must not carry on with an unfinished run.
+        return 128 + signal.Signals[result.stopped_by].value
     print(f'try: neoxlab generate {result.run_dir} --prompt "ROMEO:" --max-new-tokens 200')
     return 0
 
@@ -560,7 +568,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse ends the CONFIG|KEY=VALUE list at the first option (`a=1 --wandb b=2`):
+        # what follows comes back here and joins the list; anything else is a mistake.
+        positional = "items" if hasattr(args, "items") else "overrides"
+        if extra and hasattr(args, positional) and not any(e.startswith("-") for e in extra):
+            setattr(args, positional, [*getattr(args, positional), *extra])
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.handler(args)
     except NeoxlabError as err:
         message = f"error: {err.message}"
@@ -571,3 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A full disk or a folder without write permission is the user's to fix, wherever it
+        # strikes: one line, as for NeoxlabError. Anything else is a bug and keeps its traceback.
+        if err.errno not in DISK_ERRORS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        hint = "free disk space or fix the permissions"
+        print(f"error: {where}{err.strerror} (hint: {hint})", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from neoxlab import neox_compat
+from neoxlab.atomic import write_atomically
 from neoxlab.errors import NeoxlabError
 from neoxlab.model import ModelConfig
 from neoxlab.optim import OPTIMIZERS, SCHEDULES
@@ -74,6 +75,10 @@ DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
 # torch.compile's modes; the two with CUDA graphs (reduce-overhead, max-autotune) are single-GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weights")
+
+MAX_SCALE_POWER = 127  # fp16.initial_scale_power: 2 ** 128 overflows fp32
+MAX_LAYERS = 1024
+MAX_PARAMETERS = 10**13
 
 FP16_DEFAULTS = {
     "enabled": False,
@@ -404,7 +409,8 @@ class Config:
         metadata=_help("keep only the newest N checkpoints (alias keep-last-k)", "checkpointing"),
     )
     exit_interval: int | None = field(
-        default=None, metadata=_help("stop (with a checkpoint) at this step", "checkpointing")
+        default=None,
+        metadata=_help("stop (with a checkpoint) at each multiple of this step", "checkpointing"),
     )
     load: str | None = field(
         default=None,
@@ -484,6 +490,7 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise NeoxlabError(f"{_key(name)} must be positive, got {getattr(self, name)}")
+        self._check_model_size()
         for name in (
             "train_batch_size",
             "gradient_accumulation_steps",
@@ -550,6 +557,7 @@ class Config:
             raise NeoxlabError(
                 f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
             )
+        self._check_precision_blocks()
         if self.fp16.get("enabled") and self.bf16.get("enabled"):
             raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
         specials = self.special_tokens or ["<|endoftext|>", "<|padding|>"]
@@ -571,6 +579,54 @@ class Config:
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
         self._check_data_paths()
+
+    def _check_model_size(self) -> None:
+        # Far past any GPT-NeoX-family model: such a value is a typo, and building it (even on
+        # the meta device for --dry-run) would take hours or overflow the allocator.
+        if self.num_layers > MAX_LAYERS:
+            raise NeoxlabError(f"num-layers {self.num_layers} is above {MAX_LAYERS}")
+        width = self.intermediate_size or 4 * self.hidden_size
+        per_layer = 4 * self.hidden_size**2 + 2 * self.hidden_size * width
+        vocab = self.vocab_size if self.tokenizer_type == "bpe" else 0
+        parameters = self.num_layers * per_layer + 2 * vocab * self.hidden_size
+        if parameters > MAX_PARAMETERS:
+            raise NeoxlabError(
+                f"hidden-size {self.hidden_size}, num-layers {self.num_layers}, "
+                f"intermediate-size {width} and vocab-size {self.vocab_size} make about "
+                f"{parameters:.1e} parameters, above the {MAX_PARAMETERS:.0e} neoxlab builds",
+                hint="check these keys for a typo",
+            )
+
+    def _check_precision_blocks(self) -> None:
+        for block in ("fp16", "bf16"):
+            enabled = getattr(self, block).get("enabled", False)
+            if not isinstance(enabled, bool):
+                raise NeoxlabError(f"{block}.enabled must be true or false, got {enabled!r}")
+        fp16 = self.fp16
+
+        def number(name: str, low: float, integer: bool = False) -> None:
+            value = fp16[name]
+            exact = isinstance(value, int) or not integer
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < low
+                or not exact
+            ):
+                kind = "an integer" if integer else "a number"
+                raise NeoxlabError(f"fp16.{name} must be {kind} >= {low}, got {value!r}")
+
+        number("loss_scale", 0)
+        number("min_loss_scale", 0)
+        number("loss_scale_window", 1, integer=True)
+        number("initial_scale_power", 0, integer=True)
+        # 2 ** 128 is already infinite in fp32 (and 2.0 ** huge overflows Python floats)
+        if fp16["initial_scale_power"] > MAX_SCALE_POWER:
+            raise NeoxlabError(
+                f"fp16.initial_scale_power must be at most {MAX_SCALE_POWER}, "
+                f"got {fp16['initial_scale_power']}"
+            )
 
     def _check_tracking(self) -> None:
         # W&B rejects these only once a run starts: catch them before training does.
@@ -770,7 +826,13 @@ def flatten_layer(
 
 
 def _resolve(base_dir: Path, path: str) -> str:
-    return str((base_dir / Path(path).expanduser()).resolve())
+    if "\0" in path:  # no filesystem takes one (os functions raise ValueError)
+        raise NeoxlabError(f"path {path!r} contains a NUL character")
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        raise NeoxlabError(f"cannot expand {path!r}: no such user's home folder") from None
+    return str((base_dir / expanded).resolve())
 
 
 def _put_optimizer(put, value: Any, origin: str) -> None:
@@ -794,8 +856,8 @@ def _put_optimizer(put, value: Any, origin: str) -> None:
 def _lift_optimizer_params(flat: dict, origin: str) -> None:
     """`optimizer.params.lr` / `weight_decay` are the same as top-level `lr` / `weight-decay`."""
     optimizer = flat.get("optimizer")
-    if optimizer is None:
-        return
+    if not isinstance(optimizer, dict):
+        return  # absent, or not a mapping: _coerce reports it with the others
     params = optimizer.get("params")
     if params is None:
         return
@@ -943,6 +1005,8 @@ def _build(merged: dict, origin: str) -> Config:
         values["optimizer"] = optimizer
     if "fp16" in values:
         values["fp16"] = {**FP16_DEFAULTS, **values["fp16"]}
+        for name in ("loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale"):
+            values["fp16"][name] = _numeric(values["fp16"][name])  # YAML reads 1e-4 as text
         # DeepSpeed configs (gpt-neox's) repeat `fp16: true` inside the block.
         unknown = set(values["fp16"]) - set(FP16_DEFAULTS) - {"hysteresis", "fp16"}
         if unknown:
@@ -1075,10 +1139,7 @@ def config_from_dict(values: dict) -> Config:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (reloadable with `load_config`)."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 def key_reference() -> list[tuple[str, str, str, str]]:

@@ -157,6 +157,15 @@ def mean_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
     return total / world.world_size
 
 
+def max_across_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The maximum of a scalar over all ranks; on GPUs the all-reduce is queued, not awaited."""
+    if not world.distributed:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total
+
+
 def broadcast_from_main(value: Any, world: World) -> Any:
     """Rank 0's value of a small picklable object (e.g. the run directory it created)."""
     if not world.distributed:

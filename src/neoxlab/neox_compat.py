@@ -249,5 +249,7 @@ def translate_value(key: str, value: Any) -> Any:
 def is_gpt_neox_file(raw_keys: set[str], neoxlab_keys: set[str]) -> bool:
     """Does a file's (canonical) key set look like a gpt-neox config? Only gpt-neox files carry
     its translated or unused keys (those neoxlab shares, e.g. use-wandb, say nothing) or ZeRO."""
+    if neoxlab_keys <= raw_keys:
+        return False  # a run's own config.yml (what --resume reads): every key, zero_* included
     markers = (UNUSED_KEYS - neoxlab_keys) | TRANSLATED_KEYS | {"zero_optimization"}
     return bool(raw_keys & markers)

@@ -132,10 +132,10 @@ OPTIMIZERS: dict[str, OptimizerBuilder] = {
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer | MuonWithAdamW:
     name = config.optimizer["type"]
     params = dict(config.optimizer.get("params") or {})
-    for key in ("betas", "ns_coefficients"):  # YAML gives lists; torch expects tuples
-        if key in params:
-            params[key] = tuple(float(b) for b in params[key])
     try:
+        for key in ("betas", "ns_coefficients"):  # YAML gives lists; torch expects tuples
+            if key in params:
+                params[key] = tuple(float(b) for b in params[key])
         return OPTIMIZERS[name](model, config, params)
     except (TypeError, ValueError) as err:
         raise NeoxlabError(

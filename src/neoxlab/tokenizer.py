@@ -8,12 +8,12 @@ exported model and its tokenizer travel together.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from neoxlab.atomic import write_atomically
 from neoxlab.errors import NeoxlabError
 
 # GPT-NeoX-20B's order: <|endoftext|> is id 0, <|padding|> id 1.
@@ -148,8 +148,8 @@ def save_tokenizer(
         config["model_max_length"] = model_max_length
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
-    _write_atomically(
+    write_atomically(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
+    write_atomically(
         directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False)
     )
 
@@ -200,9 +200,3 @@ def _unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
     for added in tokenizer.get_added_tokens_decoder().values():
         text = text.replace(added.content, "")
     return sorted(character for character in set(text) if tokenizer.token_to_id(character) is None)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from neoxlab.atomic import write_atomically, write_error
 from neoxlab.errors import NeoxlabError
 
 if TYPE_CHECKING:
@@ -127,24 +128,25 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             self._truncate_after(resume_step)
-        # Held open for the whole run (one line per log step); closed by close().
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            # Held open for the whole run (one line per log step); closed by close().
+            self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as err:
+            raise write_error(path, err) from None
 
     def _truncate_after(self, step: int) -> None:
-        # Lines logged after the checkpoint we resume from will be logged again: drop them.
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        # Lines logged after the checkpoint we resume from will be logged again: drop them
+        # (and a line a killed process left half-written).
+        kept = [record for record in _parse_metrics(self.path) if record.get("step", 0) <= step]
+        write_atomically(self.path, "".join(f"{json.dumps(record)}\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {key: _json_safe(value) for key, value in record.items()}
-        self._handle.write(json.dumps(clean) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(clean) + "\n")
+            self._handle.flush()
+        except OSError as err:
+            raise write_error(self.path, err) from None
 
     def close(self) -> None:
         self._handle.close()
@@ -206,7 +208,7 @@ class Tracker:
     def log_sample(self, step: int, text: str) -> None:
         samples = self.run_dir / SAMPLES_DIR
         samples.mkdir(exist_ok=True)
-        (samples / f"step_{step:07d}.txt").write_text(text, encoding="utf-8")
+        write_atomically(samples / f"step_{step:07d}.txt", text)
         if self.wandb:
             self.wandb.log_sample(step, text)
 
@@ -229,10 +231,8 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     clean = {key: _json_safe(item) for key, item in value.items()}
-    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(clean, indent=2) + "\n")
 
 
 def _shown(path: Path) -> str:
@@ -500,7 +500,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise NeoxlabError(f"{run_dir} has no metrics.jsonl")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return _parse_metrics(path)
+
+
+def _parse_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A last line without its newline is what a process killed
+    mid-write leaves: it is skipped when it does not parse; any other bad line is an error."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: torn by a kill
+                continue
+            raise NeoxlabError(f"{path}:{number} is not a JSON line") from None
+        if not isinstance(record, dict):
+            raise NeoxlabError(f"{path}:{number} is not a JSON object")
+        records.append(record)
+    return records
 
 
 class Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
+from neoxlab.atomic import remove_temporaries
 from neoxlab.checkpoint import (
     check_model_state,
     latest_checkpoint,
@@ -30,10 +32,11 @@ from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
 from neoxlab.hf import apply_init_from, init_model
+from neoxlab.interrupt import StopOnSignal
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
-from neoxlab.tokenizer import encode, save_tokenizer
+from neoxlab.tokenizer import encode, load_tokenizer, save_tokenizer
 from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
 
 SAMPLE_TEMPERATURE = 0.8
@@ -47,7 +50,8 @@ class TrainResult:
     train_loss: float | None
     best_val_loss: float | None
     last_eval: dict[str, float]
-    finished: bool  # False when exit-interval stopped the run early
+    finished: bool  # False when exit-interval or a signal stopped the run early
+    stopped_by: str | None = None  # SIGINT / SIGTERM when a signal stopped it (checkpointed)
 
 
 def checkpoint_root(config: Config, run_dir: Path) -> Path | None:
@@ -231,6 +235,7 @@ class Trainer:
         self.skipped_steps = 0
         self.health = StepHealth(device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
+        self.stopped_by: str | None = None
         if resume is not None:
             self.run_dir = resume
             self._resume()
@@ -262,6 +267,12 @@ class Trainer:
                 hint="start a new run, or check the run's `save` folder",
             )
         state = read_state(checkpoint)
+        # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
+        if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
+            raise NeoxlabError(
+                f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
+                hint="resume with the run's own data and tokenizer (leave vocab-file as it was)",
+            )
         # Rank 0 reads the full state; load_full_state hands each rank its part.
         weights, training = {}, {}
         if self.world.is_main:
@@ -362,6 +373,7 @@ class Trainer:
         )
 
     def _write_run_files(self) -> None:
+        remove_temporaries(self.run_dir)  # left by a part of this run that was killed
         save_config(self.config, self.run_dir / "config.yml")
         save_tokenizer(
             self.data.tokenizer,
@@ -451,7 +463,10 @@ class Trainer:
         if self.world.distributed and not self.sharded:
             model = distributed.wrap_ddp(model, self.runtime.device)
         model = self.runtime.compiled(model)
-        end = min(config.train_iters, config.exit_interval or config.train_iters)
+        end = config.train_iters
+        if config.exit_interval:
+            # As gpt-neox: stop at the next multiple, so each resumed part trains that many steps.
+            end = min(end, (self.step // config.exit_interval + 1) * config.exit_interval)
         flops_per_token = self.model.flops_per_token(config.seq_length)
         peak = self.runtime.peak_flops()
         self.log(
@@ -473,6 +488,7 @@ class Trainer:
         train_loss: float | None = None
         checkpoint: Path | None = None
         window_start, window_tokens = time.perf_counter(), 0
+        signals = StopOnSignal(self.world, self.runtime.device, progress.write).install()
         try:
             while self.step < end:
                 loss, grad_norm = self._train_step(model)
@@ -481,7 +497,8 @@ class Trainer:
                 self.tokens += step_tokens
                 window_tokens += step_tokens
                 progress.advance()
-                last_step = self.step == end
+                stop = signals.requested()  # a signal: this step is the last, logged and saved
+                last_step = self.step == end or bool(stop)
                 logging = self.step % config.log_interval == 0 or self.step == 1 or last_step
                 evaluating = (
                     self.step % config.eval_interval == 0 or self.step == config.train_iters
@@ -523,7 +540,11 @@ class Trainer:
                     progress.write(f"saved checkpoint {checkpoint}")
                 # Evaluation and checkpointing are not training time: keep them out of tokens/s.
                 window_start += time.perf_counter() - pause_start
+                if stop:
+                    self.stopped_by = signal.Signals(stop).name
+                    break
         finally:
+            signals.restore()
             progress.close()
             summary = {
                 "step": self.step,
@@ -535,7 +556,13 @@ class Trainer:
             tracker.finish(summary, checkpoint)
         finished = self.step >= config.train_iters
         return TrainResult(
-            self.run_dir, self.step, train_loss, self.best_val_loss, last_eval, finished
+            self.run_dir,
+            self.step,
+            train_loss,
+            self.best_val_loss,
+            last_eval,
+            finished,
+            self.stopped_by,
         )
 
     def _eval_and_log(self, tracker: Tracker, progress: Progress | None) -> dict[str, float]:

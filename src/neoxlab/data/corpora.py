@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neoxlab.atomic import write_atomically
 from neoxlab.config import parse_split
 from neoxlab.errors import NeoxlabError
 
@@ -109,9 +110,7 @@ def write_shakespeare_jsonl(
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    temporary.write_text("".join(lines), encoding="utf-8")
-    os.replace(temporary, out)
+    write_atomically(out, "".join(lines))
     return out
 
 
@@ -374,7 +373,7 @@ def _write_code_corpus(
         temporary.unlink(missing_ok=True)  # a failed run leaves no half-written corpus behind
     report.out = str(out)
     report.seconds = time.perf_counter() - started
-    _write_atomically_text(
+    write_atomically(
         out.with_name(f"{out.name.removesuffix('.jsonl')}.report.json"),
         json.dumps({**asdict(report), "kept": report.kept}, indent=2) + "\n",
     )
@@ -528,12 +527,6 @@ def _hf_stem(spec: str, config: str | None) -> str:
     else:
         stem = spec.rsplit("/", 1)[-1]
     return f"{stem}_{config}" if config else stem
-
-
-def _write_atomically_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _download_verified(url: str, destination: Path, sha256: str) -> None:

@@ -17,6 +17,7 @@ neoxlab writes one sequence per document, so doc_idx is [0, 1, ..., n], as gpt-n
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import struct
@@ -28,6 +29,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
+from neoxlab.atomic import temporary_path, write_error
 from neoxlab.errors import NeoxlabError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -72,7 +74,8 @@ class IndexedDatasetWriter:
     Tokens stream to a temporary .bin beside the final one (memory holds only the per-document
     sizes). `close()` (or leaving the with-block normally) writes the .idx and renames both into
     place; an exception in the with-block (or `discard()`) deletes the temporaries and leaves any
-    existing PREFIX.bin / PREFIX.idx untouched.
+    existing PREFIX.bin / PREFIX.idx untouched. A failed write (disk full, no permission) is a
+    NeoxlabError naming the file and the reason, with the temporaries already deleted.
     """
 
     def __init__(self, prefix: str | Path, dtype: npt.DTypeLike) -> None:
@@ -82,14 +85,17 @@ class IndexedDatasetWriter:
             raise ValueError(f"cannot write tokens as {self.dtype}; use one of {supported}")
         self.bin_path = bin_path(prefix)
         self.idx_path = idx_path(prefix)
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         # Same folder as the final files, so os.replace is an atomic rename.
-        self._bin_temporary = self.bin_path.with_name(f"{self.bin_path.name}.tmp-{os.getpid()}")
-        self._idx_temporary = self.idx_path.with_name(f"{self.idx_path.name}.tmp-{os.getpid()}")
+        self._bin_temporary = temporary_path(self.bin_path)
+        self._idx_temporary = temporary_path(self.idx_path)
         self._sizes = array("q")
         self._doc_idx = array("q", [0])
-        # Open across add_document calls; close() or discard() closes it.
-        self._bin_file = open(self._bin_temporary, "wb")  # noqa: SIM115
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            # Open across add_document calls; close() or discard() closes it.
+            self._bin_file = open(self._bin_temporary, "wb")  # noqa: SIM115
+        except OSError as err:
+            raise write_error(self.bin_path, err) from None
         self._closed = False
 
     def add_document(self, tokens: np.ndarray | Sequence[int]) -> None:
@@ -109,7 +115,11 @@ class IndexedDatasetWriter:
                 )
             if values.size > np.iinfo(np.int32).max:
                 raise ValueError(f"a document of {values.size} tokens exceeds the int32 size field")
-            self._bin_file.write(values.astype(self.dtype, copy=False).tobytes())
+            try:
+                self._bin_file.write(values.astype(self.dtype, copy=False).tobytes())
+            except OSError as err:
+                self.discard()
+                raise write_error(self.bin_path, err) from None
             self._sizes.append(values.size)
         # gpt-neox ends a document even when it produced no sequence (an empty text without
         # an end-of-document token), which repeats the previous doc_idx entry; so do we.
@@ -120,19 +130,31 @@ class IndexedDatasetWriter:
         if self._closed:
             return
         self._closed = True
-        self._bin_file.close()
         try:
-            self._idx_temporary.write_bytes(self._index_bytes())
+            # fsync before the renames: after a power cut the new names never point at data
+            # that did not reach the disk.
+            self._bin_file.flush()
+            os.fsync(self._bin_file.fileno())
+            self._bin_file.close()
+            with open(self._idx_temporary, "wb") as index:
+                index.write(self._index_bytes())
+                index.flush()
+                os.fsync(index.fileno())
+            # Two renames are not one atomic step: a crash between them pairs the new .bin with
+            # the old (or no) .idx, which the reader refuses unless their sizes agree.
             os.replace(self._bin_temporary, self.bin_path)
             os.replace(self._idx_temporary, self.idx_path)
-        except OSError:
-            self._remove_temporaries()
-            raise
+        except OSError as err:
+            self.discard()
+            raise write_error(self.bin_path, err) from None
 
     def discard(self) -> None:
         """Abandon the write: delete the temporaries, keep whatever was in place before."""
         self._closed = True
-        self._bin_file.close()
+        # Closing flushes what is buffered, which fails again on a full disk: the file is
+        # thrown away anyway.
+        with contextlib.suppress(OSError):
+            self._bin_file.close()
         self._remove_temporaries()
 
     def __enter__(self) -> IndexedDatasetWriter:

@@ -269,6 +269,12 @@ def prepare_jsonl(
                     f"{result.tokens:,} tokens, {result.megabytes_per_second:.1f} MB/s",
                     refresh=False,
                 )
+            if not result.documents:  # raised inside the writer: it writes nothing
+                raise NeoxlabError(
+                    f"no text in {', '.join(map(str, files))} ({result.empty} empty texts, "
+                    f"{len(result.bad_lines)} bad lines); nothing was written",
+                    hint=f"each line should be a JSON object with a non-empty {text_key!r}",
+                )
     finally:
         bar.close()
     result.seconds = time.perf_counter() - start

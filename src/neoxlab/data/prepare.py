@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
+from neoxlab.atomic import write_atomically
 from neoxlab.config import Config, parse_split
 from neoxlab.data.batches import Sampler
 from neoxlab.data.blend import Blend, blend, make_sampler
@@ -105,6 +106,8 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_shakespeare_jsonl(text, path)
     documents = _read_documents(path, config)
+    if not any(d.text for d in documents):
+        raise NeoxlabError(f"data file {path} holds only empty texts")
     tokenizer_file = _tokenizer_path(config, path)
     if not tokenizer_file.exists():
         _train_tokenizer(config, documents, tokenizer_file, log)
@@ -199,9 +202,8 @@ def _train_tokenizer(
         log(f"training a byte-level BPE tokenizer (vocab {config.vocab_size}) -> {out}")
         tokenizer = train_bpe(train_texts, config.vocab_size, special_tokens=specials)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(out)
+    # Written by Python, not Tokenizer.save: its I/O errors are bare Exceptions with no path.
+    write_atomically(out, tokenizer.to_str(pretty=True))
 
 
 def _file_digest(path: Path) -> bytes:
@@ -271,12 +273,15 @@ def _check_token_ids(
     dataset: IndexedDataset, prefix: Path, tokenizer: Tokenizer, tokenizer_file: Path
 ) -> None:
     head = dataset.tokens[:CHECKED_TOKENS]
-    max_id = int(head.max()) if len(head) else -1
-    if max_id >= tokenizer.get_vocab_size():
+    if not len(head):
+        return
+    # Signed token dtypes (int8/16/32/64) can hold negative values: no tokenizer made those.
+    low, high = int(head.min()), int(head.max())
+    if low < 0 or high >= tokenizer.get_vocab_size():
         raise NeoxlabError(
-            f"{prefix} holds token id {max_id}, beyond the tokenizer's vocabulary "
-            f"({tokenizer.get_vocab_size()}) in {tokenizer_file}",
-            hint="the data was prepared with a different tokenizer",
+            f"{prefix} holds token id {low if low < 0 else high}, outside the tokenizer's "
+            f"vocabulary (0 to {tokenizer.get_vocab_size() - 1}) in {tokenizer_file}",
+            hint="the data was prepared with a different tokenizer, or is damaged",
         )
 
 

@@ -1,0 +1,80 @@
+"""Crash-safe writes: a temporary name beside the target, fsync, then an atomic rename.
+
+A process killed at any moment leaves the old file or the new one, never a mix; at worst a
+temporary `NAME.tmp-PID` stays behind, which no reader opens and the next write into a run's
+folder removes. A write that fails (disk full, no permission) removes its temporary and raises a
+NeoxlabError naming the path and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from neoxlab.errors import NeoxlabError
+
+TMP_MARKER = ".tmp-"
+
+
+def temporary_path(path: Path, purpose: str = "") -> Path:
+    """Where `path` is written before the rename: same folder (rename is atomic only within a
+    filesystem), and a per-process name (two processes preparing one file never collide)."""
+    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}{purpose}")
+
+
+def is_temporary(path: Path) -> bool:
+    return TMP_MARKER in path.name
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporaries that killed writes left in `folder` (a run's own folders: only
+    one process writes there, so any temporary found is an orphan)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if not is_temporary(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def write_error(path: Path, err: Exception) -> NeoxlabError:
+    """The one-line error for a failed write of `path` (an OSError, or a library's error that
+    wraps one, as safetensors' "I/O error: No space left on device (os error 28)")."""
+    reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", reason)
+    if wrapped:
+        reason = wrapped.group(1)
+    return NeoxlabError(
+        f"could not write {path}: {reason}",
+        hint="free disk space or fix permissions; what was there before is untouched",
+    )
+
+
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Replace `path` with `content` (str is written as UTF-8) in one atomic step."""
+    path = Path(path)
+    temporary = temporary_path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise write_error(path, err) from None
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable (a power cut must not undo it)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
