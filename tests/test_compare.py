@@ -75,6 +75,17 @@ def test_nested_config_values_are_compared_key_by_key(tmp_path):
     assert config_differences([load_run(a), load_run(b)]) == ["optimizer.params.betas"]
 
 
+def test_optimizer_params_show_only_on_the_runs_that_set_them(tmp_path):
+    adamw = ["optimizer.type=AdamW", "optimizer.params.betas=[0.9,0.95]"]
+    sgd = ["optimizer.type=SGD", "optimizer.params.momentum=0.9"]
+    a = fake_run(tmp_path, "a", adamw, [2.0])
+    b = fake_run(tmp_path, "b", sgd, [3.0])
+    rows = compare([a, b], ["val/loss"], tmp_path / "c.png").splitlines()[1:]
+    assert rows[0].split()[1:4] == ["optimizer.type=AdamW", "optimizer.params.betas=[0.9,", "0.95]"]
+    assert rows[1].split()[1:3] == ["optimizer.type=SGD", "optimizer.params.momentum=0.9"]
+    assert "None" not in "".join(rows)
+
+
 def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
     old = fake_run(tmp_path, "old", [], [3.0])
     config = old / "config.yml"

@@ -108,7 +108,9 @@ def table(runs: list[RunRecord]) -> str:
     rows = [header]
     ranked = sorted(runs, key=lambda r: (r.best_val_loss is None, r.best_val_loss or 0.0))
     for run in ranked:
-        differences = " ".join(f"{key}={run.config.get(key)}" for key in differing) or "-"
+        # A nested key only some runs have (betas for AdamW, momentum for SGD) shows on those.
+        shown = [f"{key}={run.config[key]}" for key in differing if key in run.config]
+        differences = " ".join(shown) or "-"
         rate = run.tokens_per_second
         rows.append(
             [
