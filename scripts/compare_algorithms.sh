@@ -53,6 +53,6 @@ done
 
 for schedule in $schedules; do
   neoxlab compare runs/*-"$schedule"-s*-* --metric val/loss --metric val/bits_per_byte \
-    --out "compare_$schedule.png" | tee "compare_$schedule.txt"
+    --from-step 100 --out "compare_$schedule.png" | tee "compare_$schedule.txt"
 done
 python "$repo/scripts/summarize_runs.py" runs/* | tee summary.md
