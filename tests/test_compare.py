@@ -6,7 +6,7 @@ import pytest
 from matplotlib.image import imread
 
 from neoxlab import cli
-from neoxlab.compare import compare, config_differences, load_run
+from neoxlab.compare import compare, config_differences, load_run, plot
 from neoxlab.config import load_config, save_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +73,29 @@ def test_nested_config_values_are_compared_key_by_key(tmp_path):
     a = fake_run(tmp_path, "a", ["optimizer.params.betas=[0.9,0.95]"], [3.0])
     b = fake_run(tmp_path, "b", ["optimizer.params.betas=[0.9,0.99]"], [3.0])
     assert config_differences([load_run(a), load_run(b)]) == ["optimizer.params.betas"]
+
+
+def test_optimizer_params_show_only_on_the_runs_that_set_them(tmp_path):
+    adamw = ["optimizer.type=AdamW", "optimizer.params.betas=[0.9,0.95]"]
+    sgd = ["optimizer.type=SGD", "optimizer.params.momentum=0.9"]
+    a = fake_run(tmp_path, "a", adamw, [2.0])
+    b = fake_run(tmp_path, "b", sgd, [3.0])
+    rows = compare([a, b], ["val/loss"], tmp_path / "c.png").splitlines()[1:]
+    assert rows[0].split()[1:4] == ["optimizer.type=AdamW", "optimizer.params.betas=[0.9,", "0.95]"]
+    assert rows[1].split()[1:3] == ["optimizer.type=SGD", "optimizer.params.momentum=0.9"]
+    assert "None" not in "".join(rows)
+
+
+def test_from_step_leaves_the_first_points_out_of_the_plot_only(tmp_path, capsys):
+    run = fake_run(tmp_path, "a", [], [9.0, 3.0, 2.5])
+    figure = plot([load_run(run)], ["val/loss"], tmp_path / "c.png", from_step=10)
+    by_step, by_tokens = (ax.lines[0] for ax in figure.axes)
+    assert list(by_step.get_xdata()) == [10, 20] and list(by_step.get_ydata()) == [3.0, 2.5]
+    assert list(by_tokens.get_xdata()) == [1000, 2000]
+    assert cli.main(["compare", str(run), "--out", "d.png"]) == 0
+    whole = capsys.readouterr().out
+    assert cli.main(["compare", str(run), "--from-step", "10", "--out", "d.png"]) == 0
+    assert capsys.readouterr().out == whole  # the table is the same
 
 
 def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):

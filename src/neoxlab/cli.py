@@ -246,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)"
     )
+    compare.add_argument(
+        "--from-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="plot from step N on, so the early loss does not set the y-axis (table unaffected)",
+    )
     compare.set_defaults(handler=_cmd_compare)
     return parser
 
@@ -435,7 +442,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from neoxlab.tracking import find_run
 
     runs = [find_run(spec) for spec in args.runs]
-    print(compare(runs, args.metrics or ["val/loss"], args.out))
+    print(compare(runs, args.metrics or ["val/loss"], args.out, from_step=args.from_step))
     print(f"\nwrote {args.out}")
     return 0
 

@@ -108,7 +108,9 @@ def table(runs: list[RunRecord]) -> str:
     rows = [header]
     ranked = sorted(runs, key=lambda r: (r.best_val_loss is None, r.best_val_loss or 0.0))
     for run in ranked:
-        differences = " ".join(f"{key}={run.config.get(key)}" for key in differing) or "-"
+        # A nested key only some runs have (betas for AdamW, momentum for SGD) shows on those.
+        shown = [f"{key}={run.config[key]}" for key in differing if key in run.config]
+        differences = " ".join(shown) or "-"
         rate = run.tokens_per_second
         rows.append(
             [
@@ -128,8 +130,10 @@ def table(runs: list[RunRecord]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def plot(runs: list[RunRecord], metrics: list[str], out: Path) -> None:
-    """One row per metric, against steps (left) and tokens (right); one line per run."""
+def plot(runs: list[RunRecord], metrics: list[str], out: Path, from_step: int = 0) -> Figure:
+    """One row per metric, against steps (left) and tokens (right); one line per run; points
+    before `from_step` left out (the first losses are far above the rest and squash the curves
+    where runs differ)."""
     for metric in metrics:
         if not any(run.series(metric) for run in runs):
             known = sorted({key for run in runs for m in run.metrics for key in m} - {"step"})
@@ -143,7 +147,7 @@ def plot(runs: list[RunRecord], metrics: list[str], out: Path) -> None:
         for column, (x_key, x_label) in enumerate(X_AXES):
             ax = axes[row][column]
             for run in runs:
-                series = run.series(metric)
+                series = [m for m in run.series(metric) if m["step"] >= from_step]
                 if series:
                     xs = [m[x_key] for m in series]
                     ax.plot(xs, [m[metric] for m in series], marker=".", label=run.name)
@@ -156,14 +160,15 @@ def plot(runs: list[RunRecord], metrics: list[str], out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     figure.savefig(tmp, format="png", dpi=100)
     tmp.replace(out)
+    return figure
 
 
-def compare(run_dirs: list[Path], metrics: list[str], out: Path) -> str:
+def compare(run_dirs: list[Path], metrics: list[str], out: Path, from_step: int = 0) -> str:
     """Write the plot to `out` and return the table."""
     runs = [load_run(path) for path in run_dirs]
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # same folder name under different parents: show paths
         for run, path in zip(runs, run_dirs, strict=True):
             run.name = str(path)
-    plot(runs, metrics, out)
+    plot(runs, metrics, out, from_step)
     return table(runs)

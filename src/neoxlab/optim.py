@@ -22,7 +22,8 @@ from neoxlab.errors import NeoxlabError
 if TYPE_CHECKING:
     from neoxlab.config import Config
 
-# Muon hyperparameters from Keller Jordan's Muon write-up, also torch.optim.Muon's defaults.
+# Muon's learning rate from Keller Jordan's write-up (torch.optim.Muon defaults to 1e-3; its
+# defaults momentum 0.95, Nesterov and 5 Newton-Schulz steps are the write-up's too).
 MUON_LR = 0.02
 # optimizer.params keys that configure Muon itself; every other key goes to its AdamW companion.
 MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "adjust_lr_fn")
