@@ -1,6 +1,16 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` runs two workers on two cores: one thread each. With torch's default (a thread
+    # per core) the workers' OpenMP threads fight over the cores; on a busy 2-core machine a
+    # test that takes 10 s alone took over 100 s.
+    # Subprocesses the tests start inherit the setting through OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The repository is checked out beside shared/ (here and in CI); shared/data holds corpora
 # that tests read instead of downloading them.
