@@ -125,3 +125,20 @@ def test_config_saved_to_run_reloads(tiny_overrides):
     reloaded = load_config([result.run_dir / "config.yml"])
     assert reloaded.train_iters == 2 and reloaded.hidden_size == 32
     assert json.loads((result.run_dir / "tokenizer_config.json").read_text())["eos_token"]
+
+
+def test_validation_windows_do_not_depend_on_the_seed(tiny_overrides):
+    """Runs of different seeds are scored on the same validation text, trained on other windows."""
+    from neoxlab.data.batches import EVAL_STREAM, TRAIN_STREAM
+    from neoxlab.data.prepare import build_samplers, prepare_data
+
+    batches = {}
+    for seed in (1, 2):
+        config = load_config([], [*tiny_overrides, f"seed={seed}"])
+        train_sampler, val_sampler = build_samplers(config, prepare_data(config, lambda _: None))
+        batches[seed] = (
+            train_sampler.batch(0, 4, TRAIN_STREAM).inputs,
+            val_sampler.batch(0, 4, EVAL_STREAM).inputs,
+        )
+    assert not batches[1][0].equal(batches[2][0])
+    assert batches[1][1].equal(batches[2][1])

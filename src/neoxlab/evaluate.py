@@ -43,8 +43,8 @@ def evaluate(
     """Mean token loss, perplexity and accuracy over `iters` batches; with `token_bytes` (see
     token_byte_lengths) also bits per byte.
 
-    The windows are the same at every call (fixed stream and indices), so evaluations along a
-    run, and across runs with the same data and seed, are comparable.
+    The windows are the same at every call (fixed stream, indices and validation seed), so
+    evaluations along a run, and across runs of any seed on the same data, are comparable.
     """
     was_training = model.training
     model.eval()

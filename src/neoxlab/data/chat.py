@@ -41,7 +41,7 @@ import torch
 from tokenizers import Tokenizer
 
 from neoxlab.config import Config
-from neoxlab.data.batches import IGNORE_INDEX, TRAIN_STREAM, Batch
+from neoxlab.data.batches import IGNORE_INDEX, TRAIN_STREAM, VALIDATION_SEED, Batch
 from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
 from neoxlab.data.prepare import SPLITS, PreparedData, split_counts
 from neoxlab.errors import NeoxlabError
@@ -539,9 +539,10 @@ def chat_samplers(config: Config, data: PreparedData) -> tuple[ChatSampler, Chat
     """Train and validation samplers over prepared chat examples."""
     assert data.examples is not None  # built by prepare_chat_data
     pad_id = token_id(data.tokenizer, config.pad_token)
+    seeds = {"train": config.seed, "validation": VALIDATION_SEED}
     return tuple(  # type: ignore[return-value]
         ChatSampler(
-            data.examples[split], config.seq_length, config.seed, pad_id, config.pack_examples
+            data.examples[split], config.seq_length, seeds[split], pad_id, config.pack_examples
         )
         for split in ("train", "validation")
     )

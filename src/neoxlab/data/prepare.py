@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from neoxlab.atomic import write_atomically
 from neoxlab.config import Config, parse_split
-from neoxlab.data.batches import Sampler
+from neoxlab.data.batches import VALIDATION_SEED, Sampler
 from neoxlab.data.blend import Blend, blend, make_sampler
 from neoxlab.data.corpora import (
     Document,
@@ -90,7 +90,7 @@ def build_samplers(config: Config, data: PreparedData) -> tuple[Sampler, Sampler
         return chat_samplers(config, data)
     return (
         make_sampler(data.splits["train"], config.seq_length, config.seed, "train"),
-        make_sampler(data.splits["validation"], config.seq_length, config.seed, "validation"),
+        make_sampler(data.splits["validation"], config.seq_length, VALIDATION_SEED, "validation"),
     )
 
 
