@@ -141,3 +141,36 @@ def test_python_dash_m_and_version():
         [sys.executable, "-m", "neoxlab", "train", "nope.yml"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["sample-prompt=ROMEO:"], ["--prompt", "ROMEO:"]),
+        (
+            ["sample-prompt=def f(x):\n    return 'a\\\\b'\n"],
+            ["--prompt", "def f(x):\n    return 'a\\\\b'\n"],
+        ),
+        ([], []),  # the default prompt, a newline, is not worth a --prompt
+        (["data-format=chat"], ["--chat"]),
+    ],
+)
+def test_generate_hint_fits_the_run_and_is_valid_bash(overrides, expected):
+    from neoxlab.cli import _generate_hint
+    from neoxlab.config import load_config
+
+    hint = _generate_hint(load_config([], overrides), Path("runs/my run"))
+    assert "\n" not in hint
+    # bash parses the hint back into exactly the arguments meant
+    words = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'for word in {hint.removeprefix("neoxlab ")}; do printf "%s\\0" "$word"; done',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")[:-1]
+    tail = ["--max-new-tokens", "200"] if expected != ["--chat"] else []
+    assert words == ["generate", "runs/my run", *expected, *tail]

@@ -205,3 +205,11 @@ def test_readme_key_table_matches_schema():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for _, key, _, _ in key_reference():
         assert f"`{key}`" in readme, f"README's key reference lacks {key}"
+
+
+def test_override_text_with_a_colon_stays_text():
+    config = load_config(
+        [], ["sample-prompt=ROMEO:", "optimizer={type: SGD, params: {momentum: 0.9}}"]
+    )
+    assert config.sample_prompt == "ROMEO:"  # YAML alone would read {ROMEO: null}
+    assert config.optimizer == {"type": "SGD", "params": {"momentum": 0.9}}

@@ -379,8 +379,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # 128 + the signal number, as the shell reports a process the signal ended: scripts
         # chaining `neoxlab train && ...` must not carry on with an unfinished run.
         return 128 + signal.Signals[result.stopped_by].value
-    print(f'try: neoxlab generate {result.run_dir} --prompt "ROMEO:" --max-new-tokens 200')
+    print(f"try: {_generate_hint(config, result.run_dir)}")
     return 0
+
+
+def _generate_hint(config: Config, run_dir: Path) -> str:
+    """The `neoxlab generate` command that fits the run: chat, or its own sample prompt."""
+    command = ["neoxlab", "generate", str(run_dir)]
+    if config.data_format == "chat":
+        return shlex.join([*command, "--chat"])
+    prompt = []
+    if config.sample_prompt.strip():
+        prompt = ["--prompt", _shell_quote(config.sample_prompt)]
+    return " ".join([*map(shlex.quote, command), *prompt, "--max-new-tokens", "200"])
+
+
+def _shell_quote(text: str) -> str:
+    """`text` for bash on one line: $'...' (newlines as \\n) where it holds a newline."""
+    if "\n" not in text:
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"$'{escaped}'"
 
 
 def _run_to_load(load: str, is_main: bool) -> Path | None:

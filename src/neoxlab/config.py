@@ -1062,6 +1062,9 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         value = raw_value
+    if isinstance(value, dict) and not raw_value.lstrip().startswith("{"):
+        # `sample-prompt=ROMEO:` means the text, not YAML's block mapping {ROMEO: null}
+        value = raw_value
     parts = key.split(".")
     nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
