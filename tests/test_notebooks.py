@@ -70,7 +70,8 @@ def _parameter_names(path: Path) -> set[str]:
 
 def _checkout_changes() -> set[str]:
     """Files git sees as new or changed in the checkout, ignored ones included (empty when the
-    checkout is not a git repository); bytecode caches left out."""
+    checkout is not a git repository); the caches that tests running beside this one write
+    (bytecode, pytest's, hypothesis' example database) left out."""
     done = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--ignored", "--untracked-files=all"],
         capture_output=True,
@@ -78,7 +79,8 @@ def _checkout_changes() -> set[str]:
         check=False,
     )
     lines = done.stdout.splitlines() if done.returncode == 0 else []
-    return {line for line in lines if "__pycache__" not in line and ".pytest_cache" not in line}
+    caches = ("__pycache__", ".pytest_cache", ".hypothesis/")
+    return {line for line in lines if not any(cache in line for cache in caches)}
 
 
 def _execute(path: Path, tmp_path: Path, parameters: dict) -> tuple[nbformat.NotebookNode, Path]:
