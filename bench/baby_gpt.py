@@ -85,16 +85,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
             ]
         )
     print(f"baby GPT on {common.describe_device(device)}; target >= 2.5M tokens/s on an H100")
-    print(common.table(HEADERS, rows))
-    if args.record:
-        common.record(
-            args.record,
-            "Baby GPT training throughput",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    common.report(
+        args.record, "Baby GPT training throughput", HEADERS, rows, device, __file__, argv
+    )
     return rows
 
 

@@ -162,6 +162,21 @@ def record(
     tmp.replace(path)
 
 
+def report(
+    record_path: Path | None,
+    section: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    device: torch.device,
+    script: str,
+    argv: Sequence[str] | None,
+) -> None:
+    """Print the table; with `--record` also append it to `record_path` (see `record`)."""
+    print(table(headers, rows))
+    if record_path:
+        record(record_path, section, headers, rows, device, command(script, argv))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

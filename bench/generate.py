@@ -148,16 +148,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                         ]
                     )
     print(f"KV-cache generation on {common.describe_device(device)} ({str(dtype).split('.')[-1]})")
-    print(common.table(HEADERS, rows))
-    if args.record:
-        common.record(
-            args.record,
-            "Generation with the KV cache",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    common.report(
+        args.record, "Generation with the KV cache", HEADERS, rows, device, __file__, argv
+    )
     return rows
 
 

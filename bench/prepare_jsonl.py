@@ -82,17 +82,16 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                         f"{result.documents:,} documents, {result.tokens:,} tokens",
                     ]
                 )
-    print(common.table(HEADERS, rows))
-    if args.record:
-        device = common.bench_device(smoke=True)  # tokenization runs on the CPU
-        common.record(
-            args.record,
-            "Data preparation: `neoxlab prepare jsonl`",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    device = common.bench_device(smoke=True)  # tokenization runs on the CPU
+    common.report(
+        args.record,
+        "Data preparation: `neoxlab prepare jsonl`",
+        HEADERS,
+        rows,
+        device,
+        __file__,
+        argv,
+    )
     return rows
 
 

@@ -94,16 +94,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         f"Pythia-160M shape, batch {args.batch} x {config.seq_length}, on "
         f"{common.describe_device(device)}; target >= 50% MFU on an H100"
     )
-    print(common.table(HEADERS, rows))
-    if args.record:
-        common.record(
-            args.record,
-            "Pythia-160M shape: throughput and MFU",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    common.report(
+        args.record, "Pythia-160M shape: throughput and MFU", HEADERS, rows, device, __file__, argv
+    )
     return rows
 
 

@@ -113,16 +113,15 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                 trainer.run()
             rows.append(summarise(trainer, config_file, device))
     print(f"Tiny Shakespeare characters on {common.describe_device(device)}")
-    print(common.table(HEADERS, rows))
-    if args.record:
-        common.record(
-            args.record,
-            "Tiny Shakespeare: time to validation loss",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    common.report(
+        args.record,
+        "Tiny Shakespeare: time to validation loss",
+        HEADERS,
+        rows,
+        device,
+        __file__,
+        argv,
+    )
     return rows
 
 

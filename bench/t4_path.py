@@ -90,16 +90,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                 ]
             )
     print(f"T4 path (fp16, no flash, eager) on {common.describe_device(device)}")
-    print(common.table(HEADERS, rows))
-    if args.record:
-        common.record(
-            args.record,
-            "T4 path: fp16 without flash attention",
-            HEADERS,
-            rows,
-            device,
-            common.command(__file__, argv),
-        )
+    common.report(
+        args.record, "T4 path: fp16 without flash attention", HEADERS, rows, device, __file__, argv
+    )
     return rows
 
 
