@@ -42,30 +42,11 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         overrides = [
             f"data-path={data}",
             f"vocab-file={folder / 'char.json'}",
-            f"train-iters={args.steps}",
-            f"log-interval={log_every}",
-            f"eval-interval={args.steps}",
-            "eval-iters=1",
-            "sample-tokens=0",
-            "save=false",
-            *(common.SMOKE_MODEL if args.smoke else []),
+            *common.timed_run_overrides(args.steps, log_every, args.smoke),
         ]
-        measured = []
-        for name in args.variants:
-            extra, resident = VARIANTS[name]
-            config = common.neoxlab_config([CONFIG], [*overrides, *extra])
-            with common.device_resident(resident):
-                measured.append(("neoxlab", name, common.train_neoxlab(config, args.warmup)))
-        config = common.neoxlab_config([CONFIG], overrides)
-        baseline = common.train_hf(
-            measured[0][2].model,
-            config,
-            common.runtime_for(config),
-            measured[0][2].global_batch,
-            steps=3 if args.smoke else args.steps - args.warmup,
-            warmup_steps=1 if args.smoke else args.warmup,
+        measured, baseline, config = common.neoxlab_variants_then_hf(
+            CONFIG, overrides, VARIANTS, args.variants, args.steps, args.warmup, args.smoke
         )
-        measured.append(("transformers", "plain loop", baseline))
     on_target = common.on_target_device(device)
     for implementation, name, result in measured:
         step_ms = 1e3 * result.global_batch * config.seq_length / result.tokens_per_second

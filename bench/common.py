@@ -322,6 +322,51 @@ def train_neoxlab(config: Config, warmup_steps: int) -> Throughput:
     return result
 
 
+def timed_run_overrides(steps: int, log_every: int, smoke: bool) -> list[str]:
+    """Overrides of a timed training run: no sample, no checkpoint, one evaluation batch."""
+    return [
+        f"train-iters={steps}",
+        f"log-interval={log_every}",
+        f"eval-interval={steps}",
+        "eval-iters=1",
+        "sample-tokens=0",
+        "save=false",
+        *(SMOKE_MODEL if smoke else []),
+    ]
+
+
+def neoxlab_variants_then_hf(
+    config_file: Path,
+    overrides: Sequence[str],
+    variants: dict[str, tuple[list[str], bool]],
+    names: Sequence[str],
+    steps: int,
+    warmup_steps: int,
+    smoke: bool,
+) -> tuple[list[tuple[str, str, Throughput]], Throughput, Config]:
+    """Train each named neoxlab variant (name -> (extra overrides, small corpora on the GPU)),
+    then the transformers baseline at the same shapes and batch, in this one process: the
+    measurements, the baseline's (also last in the list) and the baseline's config."""
+    measured = []
+    for name in names:
+        extra, resident = variants[name]
+        config = neoxlab_config([config_file], [*overrides, *extra])
+        with device_resident(resident):
+            measured.append(("neoxlab", name, train_neoxlab(config, warmup_steps)))
+    config = neoxlab_config([config_file], overrides)
+    first = measured[0][2]
+    baseline = train_hf(
+        first.model,
+        config,
+        runtime_for(config),
+        first.global_batch,
+        steps=3 if smoke else steps - warmup_steps,
+        warmup_steps=1 if smoke else warmup_steps,
+    )
+    measured.append(("transformers", "plain loop", baseline))
+    return measured, baseline, config
+
+
 def release(device: torch.device) -> None:
     """Free what the last run left (compiled graphs hold on to their modules until collected)."""
     gc.collect()

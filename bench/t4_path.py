@@ -61,13 +61,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                 *corpus_overrides(name, folder, args.smoke),
                 "precision=fp16",
                 "compile=false",
-                f"train-iters={args.steps}",
-                f"log-interval={2 if args.smoke else 10}",
-                f"eval-interval={args.steps}",
-                "eval-iters=1",
-                "sample-tokens=0",
-                "save=false",
-                *(["vocab-size=300", *common.SMOKE_MODEL] if args.smoke else []),
+                *common.timed_run_overrides(args.steps, 2 if args.smoke else 10, args.smoke),
+                *(["vocab-size=300"] if args.smoke else []),
             ]
             config = common.neoxlab_config([common.CONFIGS / name], overrides)
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
