@@ -146,15 +146,16 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise NeoxlabError(f"checkpoint state {path} is unreadable: {err}") from None
 
 
+# What torch.load(weights_only=True) raises for a file that is not plain tensors (or no file).
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, OSError, EOFError)
+
+
 def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Weights through safetensors: loading never runs code from the file."""
     path = checkpoint / "model.safetensors"
     if not path.is_file():
         raise NeoxlabError(f"checkpoint {checkpoint} has no model.safetensors")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise NeoxlabError(f"checkpoint weights {path} are unreadable: {err}") from None
+    return read_safetensors(path, "checkpoint weights")
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
@@ -164,12 +165,25 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise NeoxlabError(f"checkpoint {checkpoint} has no optimizer.pt, so it cannot resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NeoxlabError(
-            f"refusing to load {path}: not a plain tensor checkpoint ({first_line})",
-            hint="neoxlab never unpickles code; re-create the checkpoint with neoxlab",
-        ) from None
+    except TORCH_LOAD_ERRORS as err:
+        hint = "neoxlab never unpickles code; re-create the checkpoint with neoxlab"
+        raise refused_pickle(path, "checkpoint", err, hint) from None
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file (loading never runs code); unreadable -> `what` PATH are unreadable."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise NeoxlabError(f"{what} {path} are unreadable: {err}") from None
+
+
+def refused_pickle(path: Path, kind: str, err: Exception, hint: str) -> NeoxlabError:
+    """The error for a torch file that `torch.load(weights_only=True)` refused."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return NeoxlabError(
+        f"refusing to load {path}: not a plain tensor {kind} ({first_line})", hint=hint
+    )
 
 
 def load_model_state(model: nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,17 +25,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from neoxlab import __version__
 from neoxlab.checkpoint import (
+    TORCH_LOAD_ERRORS,
     TrainedModel,
     is_hf_directory,
     load_model_state,
     load_trained,
     load_weights,
+    read_safetensors,
     read_state,
+    refused_pickle,
     resolve_checkpoint,
 )
 from neoxlab.config import FIELDS, Config, config_from_dict, model_config
@@ -141,9 +143,10 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     files = _weight_files(directory)
     weights: dict[str, torch.Tensor] = {}
     for file in files:
-        weights.update(
-            _load_safetensors(file) if file.suffix == ".safetensors" else _load_bin(file)
-        )
+        if file.suffix == ".safetensors":
+            weights.update(read_safetensors(file, "weights"))
+        else:
+            weights.update(_load_bin(file))
     if "lm_head.weight" in weights:  # the in-memory name of transformers 5
         weights["embed_out.weight"] = weights.pop("lm_head.weight")
     return {name: t for name, t in weights.items() if not name.endswith(BUFFER_SUFFIXES)}
@@ -162,23 +165,13 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise NeoxlabError(f"weights {path} are unreadable: {err}") from None
-
-
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a pickle that would construct arbitrary objects is refused
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NeoxlabError(
-            f"refusing to load {path}: not a plain tensor file ({first_line})",
-            hint="neoxlab never unpickles code; convert it to model.safetensors",
-        ) from None
+    except TORCH_LOAD_ERRORS as err:
+        hint = "neoxlab never unpickles code; convert it to model.safetensors"
+        raise refused_pickle(path, "file", err, hint) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
