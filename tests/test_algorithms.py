@@ -359,15 +359,9 @@ def test_optimizer_state_estimate_matches_torch(name):
     assert optimizer_state_bytes(model, config) == actual
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_activation_estimate_matches_what_autograd_saves(parallel):
-    """fp32 on CPU: sum the distinct non-parameter storages autograd saves, plus the logits the
-    caller holds, and compare with the documented formula."""
-    config = Config(
-        hidden_size=64, num_layers=3, num_attention_heads=4, seq_length=64, gpt_j_residual=parallel
-    )
-    vocab = 256
-    model = GPTNeoX(model_config(config, vocab)).train()
+def saved_for_backward(model: GPTNeoX, vocab: int) -> tuple[int, torch.Tensor | None]:
+    """Bytes of the distinct non-parameter storages autograd saves in a forward pass of batch
+    2 x 64 random tokens, and the logits it returns."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -380,6 +374,18 @@ def test_activation_estimate_matches_what_autograd_saves(parallel):
     tokens = torch.randint(0, vocab, (2, 64))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits, _ = model(tokens, tokens)
-    measured = sum(saved.values()) + logits.nbytes
+    return sum(saved.values()), logits
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_activation_estimate_matches_what_autograd_saves(parallel):
+    """fp32 on CPU: sum the distinct non-parameter storages autograd saves, plus the logits the
+    caller holds, and compare with the documented formula."""
+    config = Config(
+        hidden_size=64, num_layers=3, num_attention_heads=4, seq_length=64, gpt_j_residual=parallel
+    )
+    vocab = 256
+    saved, logits = saved_for_backward(GPTNeoX(model_config(config, vocab)).train(), vocab)
+    measured = saved + logits.nbytes
     estimate = activation_bytes(config, vocab, micro_batch=2, size=4)
     assert abs(estimate - measured) / measured < 0.05, (estimate, measured)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_algorithms import saved_for_backward
 
 from neoxlab import model as model_module
 from neoxlab.config import Config, load_config, model_config
@@ -114,21 +115,8 @@ def test_memory_estimate_counts_what_the_chunked_loss_saves():
         chunked_cross_entropy=True,
     )
     vocab = 512
-    model = GPTNeoX(model_config(config, vocab)).train()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    tokens = torch.randint(0, vocab, (2, 64))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, _ = model(tokens, tokens)
+    measured, logits = saved_for_backward(GPTNeoX(model_config(config, vocab)).train(), vocab)
     assert logits is None
-    measured = sum(saved.values())
     estimate = activation_bytes(config, vocab, micro_batch=2, size=4)
     assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
     plain = activation_bytes(
