@@ -9,7 +9,9 @@ and translate config.json. Loading never unpickles code: safetensors, or `torch.
   generation_config.json, tokenizer.json, tokenizer_config.json (with the chat template) and a
   model card README.md.
 - import: an HF folder (a downloaded Pythia) works wherever a checkpoint does (`generate`, `eval`),
-  and as `init-from` in a training config (architecture, tokenizer and weights).
+  and as `init-from` in a training config (architecture, tokenizer and weights). So this module,
+  not checkpoint.py (which knows only neoxlab's own folders), opens any trained model:
+  `load_trained` takes a run, a checkpoint or an HF folder.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
     is_hf_directory,
+    load_checkpoint_model,
     load_model_state,
-    load_trained,
     load_weights,
     read_safetensors,
     read_state,
@@ -274,6 +276,15 @@ def load_hf_model(directory: Path, device: torch.device) -> TrainedModel:
     load_model_state(model, source.weights(), directory)
     model.to(device).eval()
     return TrainedModel(model, tokenizer, config, directory, {"step": None})
+
+
+def load_trained(path: Path, device: torch.device) -> TrainedModel:
+    """The model at `path` ready to generate or evaluate: a run (its newest checkpoint), a
+    neoxlab checkpoint, or a Hugging Face folder."""
+    checkpoint = resolve_checkpoint(path)
+    if is_hf_directory(checkpoint):
+        return load_hf_model(checkpoint, device)
+    return load_checkpoint_model(checkpoint, device)
 
 
 def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Config:
