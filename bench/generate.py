@@ -22,8 +22,8 @@ import time
 import common
 import torch
 
-from neoxlab.checkpoint import latest_checkpoint, load_trained
-from neoxlab.hf import export_hf
+from neoxlab.checkpoint import latest_checkpoint
+from neoxlab.hf import export_hf, load_trained
 from neoxlab.trainer import Trainer
 
 MODELS = {

@@ -7,8 +7,9 @@ import pytest
 
 from neoxlab.config import load_config, model_config
 from neoxlab.data.blend import Blend
+from neoxlab.data.corpora import split_counts
 from neoxlab.data.indexed import IndexedDatasetWriter
-from neoxlab.data.prepare import build_samplers, prepare_data, split_counts
+from neoxlab.data.prepare import build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.tokenizer import train_bpe
 from neoxlab.tracking import read_metrics

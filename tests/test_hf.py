@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from neoxlab.checkpoint import load_trained
 from neoxlab.cli import main
 from neoxlab.config import load_config
 from neoxlab.data.chat import ChatFormat, Turn
 from neoxlab.data.prepare import build_samplers
 from neoxlab.errors import NeoxlabError
+from neoxlab.hf import load_trained
 from neoxlab.tokenizer import save_tokenizer, train_bpe
 from neoxlab.tracking import read_metrics
 from neoxlab.trainer import Trainer

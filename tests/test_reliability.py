@@ -28,11 +28,12 @@ from conftest import TINY_MODEL
 from test_indexed import replace_at
 from test_tracking import FAKE_KEY, leet, offline_folders, wandb_home  # noqa: F401 (fixture)
 
-from neoxlab.checkpoint import list_checkpoints, load_trained, load_weights
+from neoxlab.checkpoint import list_checkpoints, load_weights
 from neoxlab.cli import main
 from neoxlab.config import load_config
 from neoxlab.data.indexed import IndexedDatasetWriter
 from neoxlab.errors import NeoxlabError
+from neoxlab.hf import load_trained
 from neoxlab.tokenizer import train_bpe
 from neoxlab.tracking import read_metrics
 from neoxlab.trainer import Trainer, _scaler, train

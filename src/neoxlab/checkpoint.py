@@ -252,12 +252,9 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_trained(path: Path, device: torch.device) -> TrainedModel:
-    checkpoint = resolve_checkpoint(path)
-    if is_hf_directory(checkpoint):
-        from neoxlab.hf import load_hf_model  # hf.py builds on this module
-
-        return load_hf_model(checkpoint, device)
+def load_checkpoint_model(checkpoint: Path, device: torch.device) -> TrainedModel:
+    """A neoxlab checkpoint folder ready to generate or evaluate (hf.load_trained takes any
+    model folder or run)."""
     state = read_state(checkpoint)
     config = config_from_dict(state["config"])
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")

@@ -467,9 +467,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from neoxlab.checkpoint import load_trained
     from neoxlab.data.prepare import build_samplers, prepare_data
     from neoxlab.evaluate import evaluate_run, format_code_metrics
+    from neoxlab.hf import load_trained
     from neoxlab.runtime import resolve_runtime
 
     runtime = resolve_runtime(args.device, "auto", "false")
@@ -500,7 +500,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from neoxlab.checkpoint import load_trained
+    from neoxlab.hf import load_trained
     from neoxlab.runtime import resolve_runtime
     from neoxlab.tokenizer import encode, token_id
 

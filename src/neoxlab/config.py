@@ -64,7 +64,7 @@ INPUT_PATH_KEYS = (
     "test_data_paths",
 )
 
-# The names come from optim.py's registries (optim imports config only for type hints).
+# The names come from optim.py's registries (optim never imports config).
 LR_DECAY_STYLES = tuple(SCHEDULES)
 OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -9,7 +9,9 @@ and translate config.json. Loading never unpickles code: safetensors, or `torch.
   generation_config.json, tokenizer.json, tokenizer_config.json (with the chat template) and a
   model card README.md.
 - import: an HF folder (a downloaded Pythia) works wherever a checkpoint does (`generate`, `eval`),
-  and as `init-from` in a training config (architecture, tokenizer and weights).
+  and as `init-from` in a training config (architecture, tokenizer and weights). So this module,
+  not checkpoint.py (which knows only neoxlab's own folders), opens any trained model:
+  `load_trained` takes a run, a checkpoint or an HF folder.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
     is_hf_directory,
+    load_checkpoint_model,
     load_model_state,
-    load_trained,
     load_weights,
     read_safetensors,
     read_state,
@@ -276,6 +278,15 @@ def load_hf_model(directory: Path, device: torch.device) -> TrainedModel:
     return TrainedModel(model, tokenizer, config, directory, {"step": None})
 
 
+def load_trained(path: Path, device: torch.device) -> TrainedModel:
+    """The model at `path` ready to generate or evaluate: a run (its newest checkpoint), a
+    neoxlab checkpoint, or a Hugging Face folder."""
+    checkpoint = resolve_checkpoint(path)
+    if is_hf_directory(checkpoint):
+        return load_hf_model(checkpoint, device)
+    return load_checkpoint_model(checkpoint, device)
+
+
 def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Config:
     """The config with init-from's architecture and tokenizer (a no-op without init-from).
 
@@ -405,69 +416,93 @@ def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any
     }
 
 
+# The fixed text of an export's README.md: front matter and title above the training facts, and
+# the usage section below the facts, metrics and chat format.
+MODEL_CARD_HEAD = """\
+---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [gpt_neox, neoxlab]
+---
+
+# {name}
+
+A GPT-NeoX model trained with neoxlab {version} and exported to transformers' \
+`GPTNeoXForCausalLM`.
+
+## Training
+"""
+MODEL_CARD_USE = """
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+Training config (as resolved by neoxlab):
+
+```json
+{config_json}
+```
+"""
+
+
 def _model_card(trained: TrainedModel, source: Path) -> str:
+    """README.md of an export: what was trained, on what, how well, and how to load it."""
+    config = trained.config
+    parts = [
+        MODEL_CARD_HEAD.format(name=source.name, version=__version__),
+        *_training_facts(trained),
+        *_final_metrics_table(trained),
+        *_chat_format_section(config),
+        MODEL_CARD_USE.format(config_json=json.dumps(config.to_dict(), indent=2)),
+    ]
+    return "\n".join(parts)
+
+
+def _training_facts(trained: TrainedModel) -> list[str]:
     config, state = trained.config, trained.state
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags: [gpt_neox, neoxlab]",
-        "---",
-        "",
-        f"# {source.name}",
-        "",
-        f"A GPT-NeoX model trained with neoxlab {__version__} and exported to transformers' "
-        "`GPTNeoXForCausalLM`.",
-        "",
-        "## Training",
-        "",
+    facts = [
         f"- architecture: {config.num_layers} layers, hidden size {config.hidden_size}, "
         f"{config.num_attention_heads} heads, context {config.context_length}, "
         f"{trained.model.num_parameters():,} parameters",
     ]
     if config.init_from:
-        lines.append(f"- started from: `{config.init_from}`")
+        facts.append(f"- started from: `{config.init_from}`")
     if config.data_path:
-        lines.append(f"- data: `{config.data_path}` ({config.data_format})")
-    lines += [
+        facts.append(f"- data: `{config.data_path}` ({config.data_format})")
+    return [
+        *facts,
         f"- steps: {state.get('step')}, tokens: {state.get('tokens')}, "
         f"sequence length {config.seq_length}",
         f"- optimizer: {config.optimizer['type']}, lr {config.lr}, "
         f"schedule {config.lr_decay_style}, warmup {config.warmup}",
     ]
-    metrics = _final_metrics(trained.checkpoint, state.get("step"))
-    if metrics:
-        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
-    if config.data_format == "chat":
-        chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
-        example = chat.text([], add_generation_prompt=True)
-        lines += [
-            "",
-            "## Chat format",
-            "",
-            f"`{config.chat_user_name}: ...` and `{example} ...` turns separated by a blank line, "
-            f"the reply ending with `{config.eod_token}`; tokenizer_config.json carries it as a "
-            "chat template (`tokenizer.apply_chat_template`).",
-        ]
-    lines += [
+
+
+def _final_metrics_table(trained: TrainedModel) -> list[str]:
+    metrics = _final_metrics(trained.checkpoint, trained.state.get("step"))
+    if not metrics:
+        return []
+    rows = [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
+    return ["", "## Final metrics", "", "| metric | value |", "|---|---|", *rows]
+
+
+def _chat_format_section(config: Config) -> list[str]:
+    if config.data_format != "chat":
+        return []
+    chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+    example = chat.text([], add_generation_prompt=True)
+    return [
         "",
-        "## Use",
+        "## Chat format",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-        "Training config (as resolved by neoxlab):",
-        "",
-        "```json",
-        json.dumps(config.to_dict(), indent=2),
-        "```",
-        "",
+        f"`{config.chat_user_name}: ...` and `{example} ...` turns separated by a blank line, "
+        f"the reply ending with `{config.eod_token}`; tokenizer_config.json carries it as a "
+        "chat template (`tokenizer.apply_chat_template`).",
     ]
-    return "\n".join(lines)
 
 
 def _final_metrics(checkpoint: Path, step: int | None) -> dict[str, float]:

@@ -2,8 +2,8 @@
 
 Adding an optimizer is one builder function and one line in OPTIMIZERS; adding a schedule is one
 function and one line in SCHEDULES. config.py validates `optimizer.type` and `lr-decay-style`
-against these registries, so this module never imports config at run time (`Config` is only a
-type hint here); that keeps the import direction config -> optim and free of cycles.
+against these registries, so this module must not import config: what it reads from a config is
+spelled out as the `Hyperparameters` protocol below, which config.Config satisfies.
 
 torch.optim supplies AdamW, SGD, Adafactor and Muon; only Lion is written here.
 """
@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from neoxlab.errors import NeoxlabError
 
-if TYPE_CHECKING:
-    from neoxlab.config import Config
-
 # Muon's learning rate from Keller Jordan's write-up (torch.optim.Muon defaults to 1e-3; its
 # defaults momentum 0.95, Nesterov and 5 Newton-Schulz steps are the write-up's too).
 MUON_LR = 0.02
 # optimizer.params keys that configure Muon itself; every other key goes to its AdamW companion.
 MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "adjust_lr_fn")
+
+
+class Hyperparameters(Protocol):
+    """The config values optimizers, clipping and schedules read (config.Config has them all)."""
+
+    optimizer: dict
+    lr: float
+    min_lr: float
+    lr_decay_style: str
+    lr_decay_iters: int | None
+    train_iters: int
+    wsd_decay_fraction: float
+    weight_decay: float
+    weight_decay_embeddings: bool
+    gradient_clipping: float
+    gradient_clipping_type: str
+
+    def warmup_iters(self) -> int: ...
 
 
 # ---- parameter groups --------------------------------------------------------------------------
@@ -74,29 +89,29 @@ def _on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
 
 
-def _adamw(model: nn.Module, config: Config, params: dict) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     # gpt-neox's fused Adam decouples weight decay, so "Adam" with decay is AdamW behaviour.
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
     return torch.optim.AdamW(groups, lr=config.lr, fused=_on_cuda(model) or None, **params)
 
 
-def _sgd(model: nn.Module, config: Config, params: dict) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     # torch's SGD adds weight decay to the gradient (L2), as classic SGD does.
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
     return torch.optim.SGD(groups, lr=config.lr, **params)
 
 
-def _adafactor(model: nn.Module, config: Config, params: dict) -> torch.optim.Optimizer:
+def _adafactor(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
     return torch.optim.Adafactor(groups, lr=config.lr, **params)
 
 
-def _lion(model: nn.Module, config: Config, params: dict) -> torch.optim.Optimizer:
+def _lion(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
     return Lion(groups, lr=config.lr, **params)
 
 
-def _muon(model: nn.Module, config: Config, params: dict) -> MuonWithAdamW:
+def _muon(model: nn.Module, config: Hyperparameters, params: dict) -> MuonWithAdamW:
     """Muon (lr `optimizer.params.muon_lr`, default 0.02) for the block matrices; AdamW at `lr`
     for embeddings, output head, norms and biases. Both follow the one schedule: the Muon group
     stores `lr_scale` = muon_lr / lr, which `set_lr` applies at every step."""
@@ -118,7 +133,7 @@ def _muon(model: nn.Module, config: Config, params: dict) -> MuonWithAdamW:
     return MuonWithAdamW(muon, adamw)
 
 
-OptimizerBuilder = Callable[[nn.Module, "Config", dict], Any]
+OptimizerBuilder = Callable[[nn.Module, Hyperparameters, dict], Any]
 
 OPTIMIZERS: dict[str, OptimizerBuilder] = {
     "Adam": _adamw,
@@ -130,7 +145,9 @@ OPTIMIZERS: dict[str, OptimizerBuilder] = {
 }
 
 
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer | MuonWithAdamW:
+def build_optimizer(
+    model: nn.Module, config: Hyperparameters
+) -> torch.optim.Optimizer | MuonWithAdamW:
     name = config.optimizer["type"]
     params = dict(config.optimizer.get("params") or {})
     try:
@@ -236,7 +253,7 @@ def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
 # ---- gradient clipping -------------------------------------------------------------------------
 
 
-def clip_gradients(parameters: Iterable[nn.Parameter], config: Config) -> torch.Tensor:
+def clip_gradients(parameters: Iterable[nn.Parameter], config: Hyperparameters) -> torch.Tensor:
     """Clip gradients in place by global norm or element value (`gradient-clipping-type`) to
     `gradient-clipping` (0 = off); return the global gradient norm before clipping."""
     parameters = list(parameters)
@@ -253,7 +270,7 @@ def clip_gradients(parameters: Iterable[nn.Parameter], config: Config) -> torch.
 # Each maps an optimizer step at or after warmup to its learning rate; `lr_at` adds the warmup.
 
 
-def _decay_iters(config: Config) -> int:
+def _decay_iters(config: Hyperparameters) -> int:
     return config.lr_decay_iters or config.train_iters
 
 
@@ -264,26 +281,26 @@ def _decay_progress(step: int, start: int, end: int) -> float:
     return min(1.0, max(0.0, (step - start) / (end - start)))
 
 
-def _towards_min(config: Config, factor: float) -> float:
+def _towards_min(config: Hyperparameters, factor: float) -> float:
     """factor 1 -> lr, 0 -> min-lr."""
     return config.min_lr + (config.lr - config.min_lr) * factor
 
 
-def _constant(step: int, config: Config) -> float:
+def _constant(step: int, config: Hyperparameters) -> float:
     return config.lr
 
 
-def _linear(step: int, config: Config) -> float:
+def _linear(step: int, config: Hyperparameters) -> float:
     progress = _decay_progress(step, config.warmup_iters(), _decay_iters(config))
     return _towards_min(config, 1.0 - progress)
 
 
-def _cosine(step: int, config: Config) -> float:
+def _cosine(step: int, config: Hyperparameters) -> float:
     progress = _decay_progress(step, config.warmup_iters(), _decay_iters(config))
     return _towards_min(config, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _warmup_stable_decay(step: int, config: Config) -> float:
+def _warmup_stable_decay(step: int, config: Hyperparameters) -> float:
     """Hold lr, then decay linearly to min-lr over the last `wsd-decay-fraction` of
     lr-decay-iters (Hägele et al. 2024: a linear cooldown matches cosine at the end, and the
     stable phase's checkpoints can be cooled down later for any training length)."""
@@ -292,14 +309,14 @@ def _warmup_stable_decay(step: int, config: Config) -> float:
     return _towards_min(config, 1.0 - _decay_progress(step, start, end))
 
 
-def _inverse_sqrt(step: int, config: Config) -> float:
+def _inverse_sqrt(step: int, config: Hyperparameters) -> float:
     """lr * sqrt(warmup / step) after warmup, never below min-lr; it has no end, so it ignores
     lr-decay-iters (handy for runs whose length is not known in advance)."""
     warmup = max(config.warmup_iters(), 1)
     return max(config.min_lr, config.lr * math.sqrt(warmup / max(step, warmup)))
 
 
-SCHEDULES: dict[str, Callable[[int, Config], float]] = {
+SCHEDULES: dict[str, Callable[[int, Hyperparameters], float]] = {
     "constant": _constant,
     "linear": _linear,
     "cosine": _cosine,
@@ -308,7 +325,7 @@ SCHEDULES: dict[str, Callable[[int, Config], float]] = {
 }
 
 
-def lr_at(step: int, config: Config) -> float:
+def lr_at(step: int, config: Hyperparameters) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then the
     schedule named by lr-decay-style."""
     warmup = config.warmup_iters()

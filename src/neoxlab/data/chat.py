@@ -41,11 +41,11 @@ import torch
 from tokenizers import Tokenizer
 
 from neoxlab.config import Config
-from neoxlab.data.batches import IGNORE_INDEX, TRAIN_STREAM, VALIDATION_SEED, Batch
+from neoxlab.data.batches import IGNORE_INDEX, TRAIN_STREAM, Batch
+from neoxlab.data.corpora import SPLITS, split_counts
 from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
-from neoxlab.data.prepare import SPLITS, PreparedData, split_counts
 from neoxlab.errors import NeoxlabError
-from neoxlab.tokenizer import load_tokenizer, read_text, token_id
+from neoxlab.tokenizer import read_text
 
 META_FILE = "chat.json"
 META_FORMAT = "neoxlab-chat"
@@ -399,38 +399,6 @@ def describe(meta: dict) -> str:
     )
 
 
-def prepare_chat_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
-    """`data-format: chat`: the prepared examples of data-path, tokenized as the model's."""
-    if not config.vocab_file:
-        raise NeoxlabError(
-            "chat data is tokenized with the model's tokenizer, and none is set",
-            hint="set init-from (a Hugging Face directory or neoxlab run) or vocab-file",
-        )
-    tokenizer_file = Path(config.vocab_file)
-    tokenizer = load_tokenizer(tokenizer_file)
-    options = ChatOptions.from_config(config)
-    path = Path(config.data_path or "")
-    is_prepared = (path / META_FILE).is_file()
-    folder = path if is_prepared else prepare_chat(path, tokenizer, options, log=log)
-    examples, meta = load_prepared_chat(folder, tokenizer, options)
-    log(describe(meta))
-    summary = {
-        "source": meta["source"],
-        "prepared": str(folder),
-        "tokenizer": str(tokenizer_file),
-        "vocab_size": tokenizer.get_vocab_size(),
-        **{f"{split}_examples": counts["examples"] for split, counts in meta["splits"].items()},
-    }
-    return PreparedData(
-        splits={split: chat.tokens.tokens for split, chat in examples.items()},
-        tokenizer=tokenizer,
-        tokenizer_file=tokenizer_file,
-        eod_id=token_id(tokenizer, config.eod_token),
-        summary=summary,
-        examples=examples,
-    )
-
-
 # ---- batches ---------------------------------------------------------------------------------
 
 
@@ -533,16 +501,3 @@ class ChatSampler:
         # one example a row, from position 0, padding after it: causal attention never
         # reaches the padding, so the default positions and mask are already right
         return Batch(tensors[0], tensors[1])
-
-
-def chat_samplers(config: Config, data: PreparedData) -> tuple[ChatSampler, ChatSampler]:
-    """Train and validation samplers over prepared chat examples."""
-    assert data.examples is not None  # built by prepare_chat_data
-    pad_id = token_id(data.tokenizer, config.pad_token)
-    seeds = {"train": config.seed, "validation": VALIDATION_SEED}
-    return tuple(  # type: ignore[return-value]
-        ChatSampler(
-            data.examples[split], config.seq_length, seeds[split], pad_id, config.pack_examples
-        )
-        for split in ("train", "validation")
-    )

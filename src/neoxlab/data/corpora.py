@@ -1,4 +1,4 @@
-"""Corpus sources: fetch raw text, verify it, and read jsonl documents.
+"""Corpus sources: fetch raw text, verify it, read jsonl documents, divide them into splits.
 
 Tiny Shakespeare comes from its canonical URL, checked by sha256; a local copy (`source`) or a
 mirror folder (NEOXLAB_DATA_MIRROR) replaces the download, for offline machines and CI.
@@ -332,6 +332,18 @@ def split_of(key: str, fractions: tuple[float, float, float]) -> str:
         if point < cumulative:
             return name
     return [name for name, fraction in zip(SPLITS, fractions, strict=True) if fraction][-1]
+
+
+def split_counts(total: int, split: str) -> tuple[int, int, int]:
+    """How many of `total` documents go to train / validation / test (gpt-neox rounding)."""
+    fractions = parse_split(split)
+    bounds = [0]
+    for fraction in fractions:
+        bounds.append(bounds[-1] + round(fraction * float(total)))
+    diff = bounds[-1] - total
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    train, validation, test = (b - a for a, b in itertools.pairwise(bounds))
+    return train, validation, test
 
 
 # A candidate document: (path shown in the jsonl, key hashed for the split or None for the cleaned

@@ -5,7 +5,9 @@
   or a `.txt` (one text, split contiguously by the `split` weights): neoxlab trains the tokenizer
   if needed, tokenizes, and caches `<stem>.<8 hex>.<split>.bin/.idx` beside the file, the hex
   being sha256(tokenizer.json + source + options);
-- a prepared GPT-NeoX prefix (`PREFIX.bin` + `PREFIX.idx`), split by document with `split`.
+- a prepared GPT-NeoX prefix (`PREFIX.bin` + `PREFIX.idx`), split by document with `split`;
+- with `data-format: chat`, chat transcripts or their prepared folder (chat.py): whole examples
+  with loss labels.
 A missing `shakespeare.jsonl` is prepared automatically (Tiny Shakespeare).
 """
 
@@ -17,7 +19,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -26,10 +27,21 @@ from neoxlab.atomic import write_atomically
 from neoxlab.config import Config, parse_split
 from neoxlab.data.batches import VALIDATION_SEED, Sampler
 from neoxlab.data.blend import Blend, blend, make_sampler
+from neoxlab.data.chat import (
+    META_FILE,
+    ChatExamples,
+    ChatOptions,
+    ChatSampler,
+    describe,
+    load_prepared_chat,
+    prepare_chat,
+)
 from neoxlab.data.corpora import (
+    SPLITS,
     Document,
     fetch_shakespeare,
     read_jsonl_documents,
+    split_counts,
     write_shakespeare_jsonl,
 )
 from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
@@ -43,10 +55,6 @@ from neoxlab.tokenizer import (
     train_char,
 )
 
-if TYPE_CHECKING:
-    from neoxlab.data.chat import ChatExamples
-
-SPLITS = ("train", "validation", "test")
 SHAKESPEARE_JSONL = "shakespeare.jsonl"
 TEXT_SUFFIXES = (".jsonl", ".txt")
 
@@ -73,9 +81,7 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
     if not config.data_path:
         raise NeoxlabError("no data-path in the config", hint="set data-path: FILE.jsonl")
     if config.data_format == "chat":
-        from neoxlab.data.chat import prepare_chat_data  # chat.py builds on this module
-
-        return prepare_chat_data(config, log)
+        return _prepare_chat_data(config, log)
     path = Path(config.data_path)
     if path.suffix in TEXT_SUFFIXES:
         return _prepare_text_source(config, path, log)
@@ -85,9 +91,7 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
 def build_samplers(config: Config, data: PreparedData) -> tuple[Sampler, Sampler]:
     """The train and validation samplers: random windows, or whole chat examples."""
     if data.examples is not None:
-        from neoxlab.data.chat import chat_samplers
-
-        return chat_samplers(config, data)
+        return _chat_samplers(config, data)
     return (
         make_sampler(data.splits["train"], config.seq_length, config.seed, "train"),
         make_sampler(data.splits["validation"], config.seq_length, VALIDATION_SEED, "validation"),
@@ -168,18 +172,6 @@ def _assign_splits(documents: list[Document], split: str) -> list[Document]:
     ]
 
 
-def split_counts(total: int, split: str) -> tuple[int, int, int]:
-    """How many of `total` documents go to train / validation / test (gpt-neox rounding)."""
-    fractions = parse_split(split)
-    bounds = [0]
-    for fraction in fractions:
-        bounds.append(bounds[-1] + round(fraction * float(total)))
-    diff = bounds[-1] - total
-    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
-    train, validation, test = (b - a for a, b in itertools.pairwise(bounds))
-    return train, validation, test
-
-
 def _tokenizer_path(config: Config, data: Path) -> Path:
     if config.vocab_file:
         return Path(config.vocab_file)
@@ -229,6 +221,54 @@ def _write_splits(
                 batch = tokenizer.encode_batch(texts[start : start + 256], add_special_tokens=False)
                 for encoding in batch:
                     writer.add_document([*encoding.ids, eod_id])
+
+
+# ---- chat data -------------------------------------------------------------------------------
+
+
+def _prepare_chat_data(config: Config, log: Callable[[str], None]) -> PreparedData:
+    """`data-format: chat`: the prepared examples of data-path, tokenized as the model's."""
+    if not config.vocab_file:
+        raise NeoxlabError(
+            "chat data is tokenized with the model's tokenizer, and none is set",
+            hint="set init-from (a Hugging Face directory or neoxlab run) or vocab-file",
+        )
+    tokenizer_file = Path(config.vocab_file)
+    tokenizer = load_tokenizer(tokenizer_file)
+    options = ChatOptions.from_config(config)
+    path = Path(config.data_path or "")
+    is_prepared = (path / META_FILE).is_file()
+    folder = path if is_prepared else prepare_chat(path, tokenizer, options, log=log)
+    examples, meta = load_prepared_chat(folder, tokenizer, options)
+    log(describe(meta))
+    summary = {
+        "source": meta["source"],
+        "prepared": str(folder),
+        "tokenizer": str(tokenizer_file),
+        "vocab_size": tokenizer.get_vocab_size(),
+        **{f"{split}_examples": counts["examples"] for split, counts in meta["splits"].items()},
+    }
+    return PreparedData(
+        splits={split: chat.tokens.tokens for split, chat in examples.items()},
+        tokenizer=tokenizer,
+        tokenizer_file=tokenizer_file,
+        eod_id=token_id(tokenizer, config.eod_token),
+        summary=summary,
+        examples=examples,
+    )
+
+
+def _chat_samplers(config: Config, data: PreparedData) -> tuple[ChatSampler, ChatSampler]:
+    """Train and validation samplers over prepared chat examples."""
+    assert data.examples is not None  # built by _prepare_chat_data
+    pad_id = token_id(data.tokenizer, config.pad_token)
+    seeds = {"train": config.seed, "validation": VALIDATION_SEED}
+    return tuple(  # type: ignore[return-value]
+        ChatSampler(
+            data.examples[split], config.seq_length, seeds[split], pad_id, config.pack_examples
+        )
+        for split in ("train", "validation")
+    )
 
 
 # ---- prepared GPT-NeoX prefixes ---------------------------------------------------------------
