@@ -12,6 +12,9 @@ process afterwards. Variants change one speed setting each, to measure what it b
 from __future__ import annotations
 
 import common
+import corpora
+import hf_baseline
+import throughput
 
 CONFIG = common.CONFIGS / "shakespeare_char.yml"
 TARGET_TOKENS_PER_SECOND = 2.5e6  # the target on an H100
@@ -38,13 +41,13 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     log_every = 2 if args.smoke else 50
     rows: list[list[object]] = []
     with common.scratch() as folder:
-        data = common.shakespeare_jsonl(folder, 20_000 if args.smoke else None)
+        data = corpora.shakespeare_jsonl(folder, 20_000 if args.smoke else None)
         overrides = [
             f"data-path={data}",
             f"vocab-file={folder / 'char.json'}",
-            *common.timed_run_overrides(args.steps, log_every, args.smoke),
+            *throughput.timed_run_overrides(args.steps, log_every, args.smoke),
         ]
-        measured, baseline, config = common.neoxlab_variants_then_hf(
+        measured, baseline, config = hf_baseline.neoxlab_variants_then_hf(
             CONFIG, overrides, VARIANTS, args.variants, args.steps, args.warmup, args.smoke
         )
     on_target = common.on_target_device(device)

@@ -1,10 +1,11 @@
-"""What the benchmarks share: where they ran, corpora, neoxlab's trainer and the Hugging Face
-baseline timed the same way, and the rows they add to bench/RESULTS.md.
+"""What every benchmark shares: its command line, the device it ran on, neoxlab's config loaded
+quietly, a scratch folder, and the report that prints its table and adds it to bench/RESULTS.md.
 
 Every script takes `--smoke` (a seconds-long CPU run with tiny shapes; tests/test_bench.py runs
 each one so none can rot) and `--record [FILE]` (append its rows to bench/RESULTS.md, or FILE,
 with the date, device, commit and exact command). Without a GPU a script still runs, on the
-CPU, and says so in its device column.
+CPU, and says so in its device column. Corpora are in corpora.py, timed training runs in
+throughput.py and the transformers baseline in hf_baseline.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
-import io
 import math
 import os
 import platform
@@ -21,24 +20,12 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neoxlab.config import Config, load_config
-from neoxlab.data import batches
-from neoxlab.data.corpora import fetch_shakespeare, write_shakespeare_jsonl
-from neoxlab.data.indexed import IndexedDatasetWriter, best_dtype
-from neoxlab.model import ModelConfig
-from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
-from neoxlab.tokenizer import read_text
-from neoxlab.tracking import read_metrics
-from neoxlab.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -93,6 +80,11 @@ def on_target_device(device: torch.device) -> bool:
     return device.type == "cuda" and any(
         name in torch.cuda.get_device_name(device) for name in TARGET_DEVICES
     )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def commit() -> str:
@@ -177,23 +169,6 @@ def report(
         record(record_path, section, headers, rows, device, command(script, argv))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
 def number(value: float | None, form: str = "{:,.0f}") -> str:
     return "-" if value is None or not math.isfinite(value) else form.format(value)
 
@@ -210,275 +185,9 @@ def scratch() -> Iterator[Path]:
             os.chdir(previous)
 
 
-# ---- corpora --------------------------------------------------------------------------------
-
-
-def shakespeare_jsonl(folder: Path, characters: int | None = None) -> Path:
-    """Tiny Shakespeare (its first `characters`) as neoxlab's split jsonl in `folder`."""
-    text = read_text(fetch_shakespeare())
-    return write_shakespeare_jsonl(text[:characters], folder / "shakespeare.jsonl")
-
-
-def synthetic_corpus(folder: Path, vocab_size: int, tokens: int, documents: int = 200) -> list[str]:
-    """Uniformly random token ids as a prepared GPT-NeoX dataset, with a word-level tokenizer
-    of `vocab_size` tokens (the last two special): for speed and memory, where only the shapes
-    matter. Returns the config overrides that train on it."""
-    from tokenizers import Tokenizer, models
-
-    specials = ["<|endoftext|>", "<|padding|>"]
-    words = {f"t{i}": i for i in range(vocab_size - len(specials))}
-    tokenizer = Tokenizer(models.WordLevel(words, unk_token="t0"))
-    tokenizer.add_special_tokens(specials)
-    tokenizer_file = folder / "tokenizer.json"
-    tokenizer.save(str(tokenizer_file))
-    eod = tokenizer.token_to_id(specials[0])
-    rng = np.random.default_rng(0)
-    prefix = folder / "random_text_document"
-    per_document = max(1, tokens // documents)
-    with IndexedDatasetWriter(prefix, best_dtype(vocab_size)) as writer:
-        for _ in range(documents):
-            body = rng.integers(0, vocab_size - len(specials), size=per_document - 1)
-            writer.add_document(np.append(body, eod))
-    return [f"data-path={prefix}", f"vocab-file={tokenizer_file}", "tokenizer-type=hf"]
-
-
-# ---- neoxlab's trainer, timed by its own metrics ----------------------------------------------
-
-
-@contextlib.contextmanager
-def device_resident(enabled: bool) -> Iterator[None]:
-    """With `enabled` false, even small corpora stay on the host (the prefetched, pinned-memory
-    path large corpora take), to measure what GPU-resident batches buy."""
-    saved = batches.DEVICE_RESIDENT_MAX_TOKENS
-    if not enabled:
-        batches.DEVICE_RESIDENT_MAX_TOKENS = 0
-    try:
-        yield
-    finally:
-        batches.DEVICE_RESIDENT_MAX_TOKENS = saved
-
-
-@dataclass
-class Throughput:
-    tokens_per_second: float
-    mfu: float | None
-    steps: int  # optimizer steps timed (after the warm-up)
-    peak_memory_gib: float | None
-    model: ModelConfig  # the network trained (for the baseline's shapes)
-    global_batch: int
-    precision: str
-
-
 def quiet(message: str) -> None:
     """The trainer's log, unprinted: the scripts print their own tables."""
 
 
 def neoxlab_config(files: Sequence[Path], overrides: Sequence[str]) -> Config:
     return load_config([str(f) for f in files], list(overrides), notice=quiet)
-
-
-def windows(run_dir: Path) -> list[tuple[int, int, float]]:
-    """(first step, last step, seconds) of each logged training window: the trainer's
-    tokens/s covers the steps since the previous log, evaluation and checkpoints excluded."""
-    result, previous_step, previous_tokens = [], 0, 0
-    for metric in read_metrics(run_dir):
-        if "train/tokens_per_second" not in metric:
-            continue
-        tokens = metric["tokens"] - previous_tokens
-        result.append(
-            (previous_step + 1, metric["step"], tokens / metric["train/tokens_per_second"])
-        )
-        previous_step, previous_tokens = metric["step"], metric["tokens"]
-    return result
-
-
-def train_neoxlab(config: Config, warmup_steps: int) -> Throughput:
-    """Train with neoxlab's Trainer; tokens/s and MFU over the logged windows that start after
-    `warmup_steps` (compilation and autotuning happen in the first steps). The trainer is
-    released before returning, so the next run's peak memory is its own."""
-    trainer = Trainer(config, progress=False, log=quiet)
-    device = trainer.runtime.device
-    reset_peak_memory(device)
-    with contextlib.redirect_stdout(io.StringIO()):  # its evaluation lines
-        trainer.run()
-    timed = [w for w in windows(trainer.run_dir) if w[0] > warmup_steps]
-    if not timed:
-        raise SystemExit(f"no logged window starts after step {warmup_steps}: train longer")
-    steps = sum(last - first + 1 for first, last, _ in timed)
-    seconds = sum(s for *_, s in timed)
-    tokens_per_second = steps * trainer.global_batch * config.seq_length / seconds
-    flops = trainer.model.flops_per_token(config.seq_length)
-    result = Throughput(
-        tokens_per_second,
-        mfu(trainer.runtime, flops, tokens_per_second),
-        steps,
-        peak_memory_gib(device),
-        trainer.model.config,
-        trainer.global_batch,
-        trainer.runtime.precision,
-    )
-    del trainer
-    release(device)
-    return result
-
-
-def timed_run_overrides(steps: int, log_every: int, smoke: bool) -> list[str]:
-    """Overrides of a timed training run: no sample, no checkpoint, one evaluation batch."""
-    return [
-        f"train-iters={steps}",
-        f"log-interval={log_every}",
-        f"eval-interval={steps}",
-        "eval-iters=1",
-        "sample-tokens=0",
-        "save=false",
-        *(SMOKE_MODEL if smoke else []),
-    ]
-
-
-def neoxlab_variants_then_hf(
-    config_file: Path,
-    overrides: Sequence[str],
-    variants: dict[str, tuple[list[str], bool]],
-    names: Sequence[str],
-    steps: int,
-    warmup_steps: int,
-    smoke: bool,
-) -> tuple[list[tuple[str, str, Throughput]], Throughput, Config]:
-    """Train each named neoxlab variant (name -> (extra overrides, small corpora on the GPU)),
-    then the transformers baseline at the same shapes and batch, in this one process: the
-    measurements, the baseline's (also last in the list) and the baseline's config."""
-    measured = []
-    for name in names:
-        extra, resident = variants[name]
-        config = neoxlab_config([config_file], [*overrides, *extra])
-        with device_resident(resident):
-            measured.append(("neoxlab", name, train_neoxlab(config, warmup_steps)))
-    config = neoxlab_config([config_file], overrides)
-    first = measured[0][2]
-    baseline = train_hf(
-        first.model,
-        config,
-        runtime_for(config),
-        first.global_batch,
-        steps=3 if smoke else steps - warmup_steps,
-        warmup_steps=1 if smoke else warmup_steps,
-    )
-    measured.append(("transformers", "plain loop", baseline))
-    return measured, baseline, config
-
-
-def release(device: torch.device) -> None:
-    """Free what the last run left (compiled graphs hold on to their modules until collected)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def mfu(runtime: Runtime, flops_per_token: int, tokens_per_second: float) -> float | None:
-    peak = runtime.peak_flops()
-    return model_flops_utilization(flops_per_token, tokens_per_second, peak, 1) if peak else None
-
-
-# ---- the Hugging Face baseline ------------------------------------------------------------------
-
-
-def hf_model(model: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """transformers' GPTNeoXForCausalLM with the shapes of `model` (random init)."""
-    import transformers
-
-    config = transformers.GPTNeoXConfig(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        intermediate_size=model.intermediate_size,
-        max_position_embeddings=model.max_position_embeddings,
-        rotary_pct=model.rotary_pct,
-        rotary_emb_base=model.rotary_emb_base,
-        hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[model.activation],
-        use_parallel_residual=model.parallel_residual,
-        layer_norm_eps=model.layernorm_eps,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    config._attn_implementation = "sdpa"  # PyTorch's fused attention, as neoxlab uses
-    return transformers.GPTNeoXForCausalLM(config).to(device)
-
-
-def train_hf(
-    model_config: ModelConfig,
-    config: Config,
-    runtime: Runtime,
-    batch: int,
-    steps: int,
-    warmup_steps: int,
-) -> Throughput:
-    """The baseline: GPTNeoXForCausalLM and a plain loop (autocast, loss in fp32, fused AdamW on
-    CUDA, gradient clipping, torch.compile where neoxlab compiles), batches of random tokens
-    made on the device beforehand (no data loading at all: the baseline's best case)."""
-    device = runtime.device
-    torch.manual_seed(0)
-    model = hf_model(model_config, device).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        betas=tuple(config.optimizer.get("params", {}).get("betas", (0.9, 0.999))),
-        weight_decay=config.weight_decay,
-        fused=device.type == "cuda" or None,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
-    step_model = torch.compile(model) if runtime.compile else model
-    seq, vocab = config.seq_length, model_config.vocab_size
-    batches = [torch.randint(0, vocab, (batch, seq + 1), device=device) for _ in range(4)]
-    reset_peak_memory(device)
-    start = 0.0
-    for step in range(warmup_steps + steps):
-        if step == warmup_steps:
-            synchronize(device)
-            start = time.perf_counter()
-        windows = batches[step % len(batches)]
-        with runtime.autocast():
-            logits = step_model(input_ids=windows[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().view(-1, vocab), windows[:, 1:].reshape(-1))
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clipping or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    tokens_per_second = steps * batch * seq / seconds
-    flops = model_flops_per_token(model_config, seq)
-    result = Throughput(
-        tokens_per_second,
-        mfu(runtime, flops, tokens_per_second),
-        steps,
-        peak_memory_gib(device),
-        model_config,
-        batch,
-        runtime.precision,
-    )
-    del model, step_model, optimizer
-    release(device)
-    return result
-
-
-def model_flops_per_token(model: ModelConfig, seq_length: int) -> int:
-    """The issue's formula for the same shapes (neoxlab's GPTNeoX.flops_per_token)."""
-    from neoxlab.model import GPTNeoX
-
-    with torch.device("meta"):
-        return GPTNeoX(model).flops_per_token(seq_length)
-
-
-def runtime_for(config: Config) -> Runtime:
-    return resolve_runtime(
-        config.device,
-        config.requested_precision(),
-        config.compile,
-        notice=quiet,
-        compile_mode=config.compile_mode,
-    )

@@ -20,6 +20,7 @@ import io
 import time
 
 import common
+import corpora
 import torch
 
 from neoxlab.checkpoint import latest_checkpoint
@@ -45,10 +46,10 @@ HEADERS = [
 def checkpoint_for(name: str, folder, smoke: bool):
     config_file, vocab = MODELS[name]
     if vocab is None:
-        data = common.shakespeare_jsonl(folder, 20_000 if smoke else None)
+        data = corpora.shakespeare_jsonl(folder, 20_000 if smoke else None)
         corpus = [f"data-path={data}", f"vocab-file={folder / 'char.json'}"]
     else:
-        corpus = common.synthetic_corpus(folder, 500 if smoke else vocab, 100_000)
+        corpus = corpora.synthetic_corpus(folder, 500 if smoke else vocab, 100_000)
     overrides = [
         *corpus,
         "train-iters=1",

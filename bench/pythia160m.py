@@ -15,6 +15,9 @@ the GPU's dense bf16 peak (runtime.PEAK_FLOPS). The transformers baseline runs i
 from __future__ import annotations
 
 import common
+import corpora
+import hf_baseline
+import throughput
 
 CONFIG = common.CONFIGS / "pythia" / "160M.yml"
 VOCAB = 50277
@@ -45,14 +48,14 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         vocab = 500 if args.smoke else VOCAB
         tokens = 200_000 if args.smoke else 40_000_000
         overrides = [
-            *common.synthetic_corpus(folder, vocab, tokens),
+            *corpora.synthetic_corpus(folder, vocab, tokens),
             f"micro-batch-size={args.batch}",
             f"global-batch-size={args.batch}",
             "checkpoint-activations=false",
             f"lr-decay-iters={args.steps}",
-            *common.timed_run_overrides(args.steps, log_every, args.smoke),
+            *throughput.timed_run_overrides(args.steps, log_every, args.smoke),
         ]
-        measured, baseline, config = common.neoxlab_variants_then_hf(
+        measured, baseline, config = hf_baseline.neoxlab_variants_then_hf(
             CONFIG, overrides, VARIANTS, args.variants, args.steps, args.warmup, args.smoke
         )
     on_target = common.on_target_device(device)

@@ -17,6 +17,8 @@ import io
 from pathlib import Path
 
 import common
+import corpora
+import throughput
 
 from neoxlab.tracking import read_metrics
 from neoxlab.trainer import Trainer
@@ -60,7 +62,7 @@ class StopBelow(Trainer):
 
 def train_seconds_until(run_dir: Path, step: int) -> float:
     """Training seconds of steps 1..step, step 1 (compilation) at the next window's mean."""
-    windows = common.windows(run_dir)
+    windows = throughput.windows(run_dir)
     seconds = 0.0
     for index, (first, last, window_seconds) in enumerate(windows):
         if last > step:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     device = common.bench_device(args.smoke)
     rows: list[list[object]] = []
     with common.scratch() as folder:
-        data = common.shakespeare_jsonl(folder, 20_000 if args.smoke else None)
+        data = corpora.shakespeare_jsonl(folder, 20_000 if args.smoke else None)
         for config_file in args.configs:
             overrides = [
                 f"data-path={data}",
@@ -138,7 +140,7 @@ def summarise(trainer: Trainer, config_file: Path, device) -> list[object]:
             common.number(reached[target], "{:.2f}"),
         ]
     best = min((loss for _, loss in evals), default=None)
-    windows = common.windows(trainer.run_dir)[1:]  # without step 1 (compilation)
+    windows = throughput.windows(trainer.run_dir)[1:]  # without step 1 (compilation)
     steps = sum(last - first + 1 for first, last, _ in windows)
     seconds = sum(s for *_, s in windows)
     tokens_per_second = (

@@ -17,6 +17,8 @@ files).
 from __future__ import annotations
 
 import common
+import corpora
+import throughput
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -38,10 +40,10 @@ HEADERS = [
 
 def corpus_overrides(name: str, folder, smoke: bool) -> list[str]:
     if name == "shakespeare.yml":
-        data = common.shakespeare_jsonl(folder, 20_000 if smoke else None)
+        data = corpora.shakespeare_jsonl(folder, 20_000 if smoke else None)
         return [f"data-path={data}", f"vocab-file={folder / 'bpe.json'}"]
     return [
-        *common.synthetic_corpus(folder, 500 if smoke else 16384, 2_000_000),
+        *corpora.synthetic_corpus(folder, 500 if smoke else 16384, 2_000_000),
         "code-metrics=false",
     ]
 
@@ -61,12 +63,12 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
                 *corpus_overrides(name, folder, args.smoke),
                 "precision=fp16",
                 "compile=false",
-                *common.timed_run_overrides(args.steps, 2 if args.smoke else 10, args.smoke),
+                *throughput.timed_run_overrides(args.steps, 2 if args.smoke else 10, args.smoke),
                 *(["vocab-size=300"] if args.smoke else []),
             ]
             config = common.neoxlab_config([common.CONFIGS / name], overrides)
             with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                result = common.train_neoxlab(config, args.warmup)
+                result = throughput.train_neoxlab(config, args.warmup)
             reserved = (
                 torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
             )

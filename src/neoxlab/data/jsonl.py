@@ -70,6 +70,13 @@ class PrepareResult:
     bad_lines: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def add(self, encoded: EncodedChunk) -> None:
+        """Count one written chunk (its bad lines are counted as they are reported)."""
+        self.documents += len(encoded.sizes)
+        self.tokens += len(encoded.tokens)
+        self.text_bytes += encoded.text_bytes
+        self.empty += encoded.empty
+
     @property
     def megabytes_per_second(self) -> float:
         return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
@@ -228,54 +235,74 @@ def prepare_jsonl(
     A bad line (invalid JSON, missing key, text not a string) fails the run (`on_error="fail"`:
     nothing is left on disk) or is reported and skipped (`"skip"`).
     """
-    if on_error not in ON_ERROR:
-        raise NeoxlabError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if workers < 1:
-        raise NeoxlabError(f"--workers must be at least 1, got {workers}")
+    _check_options(on_error, workers)
     files = input_files(inputs)
     tokenizer_path = Path(tokenizer_file).expanduser()
     tokenizer = load_tokenizer(tokenizer_path)
     eod_id = token_id(tokenizer, eod_token) if append_eod else None
     dtype = best_dtype(tokenizer.get_vocab_size())
-    prefix = output_prefix(out, text_key)
-    result = PrepareResult(prefix, files)
+    result = PrepareResult(output_prefix(out, text_key), files)
     init_args = (str(tokenizer_path), text_key, eod_id, dtype.str)
     bar = tqdm(unit=" docs", disable=not progress, mininterval=1.0, file=sys.stderr)
     start = time.perf_counter()
     try:
-        with IndexedDatasetWriter(prefix, dtype) as writer:
-            for encoded in _encoded_in_order(read_chunks(files), workers, init_args):
-                if encoded.bad_lines:
-                    if on_error == "fail":
-                        raise NeoxlabError(
-                            f"{encoded.bad_lines[0]}; nothing was written",
-                            hint="fix the line, or pass --on-error skip to skip bad lines",
-                        )
-                    for line in encoded.bad_lines:
-                        if len(result.bad_lines) < REPORTED_BAD_LINES:
-                            log(f"skipping {line}")
-                        result.bad_lines.append(line)
-                offset = 0
-                for size in encoded.sizes:
-                    writer.add_document(encoded.tokens[offset : offset + size])
-                    offset += size
-                result.documents += len(encoded.sizes)
-                result.tokens += len(encoded.tokens)
-                result.text_bytes += encoded.text_bytes
-                result.empty += encoded.empty
+        with IndexedDatasetWriter(result.prefix, dtype) as writer:
+            chunks = read_chunks(files)
+            for encoded in _encoded_in_order(chunks, workers, init_args):
+                _take_bad_lines(encoded.bad_lines, result, on_error, log)
+                _write_documents(writer, encoded)
+                result.add(encoded)
                 result.seconds = time.perf_counter() - start
-                bar.update(len(encoded.sizes))
-                bar.set_postfix_str(
-                    f"{result.tokens:,} tokens, {result.megabytes_per_second:.1f} MB/s",
-                    refresh=False,
-                )
+                _show_progress(bar, len(encoded.sizes), result)
             if not result.documents:  # raised inside the writer: it writes nothing
-                raise NeoxlabError(
-                    f"no text in {', '.join(map(str, files))} ({result.empty} empty texts, "
-                    f"{len(result.bad_lines)} bad lines); nothing was written",
-                    hint=f"each line should be a JSON object with a non-empty {text_key!r}",
-                )
+                raise _no_text_error(result, text_key)
     finally:
         bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_options(on_error: str, workers: int) -> None:
+    if on_error not in ON_ERROR:
+        raise NeoxlabError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if workers < 1:
+        raise NeoxlabError(f"--workers must be at least 1, got {workers}")
+
+
+def _take_bad_lines(
+    bad_lines: list[str], result: PrepareResult, on_error: str, log: Callable[[str], None]
+) -> None:
+    """Fail on the first bad line, or report the first few and count them all."""
+    if not bad_lines:
+        return
+    if on_error == "fail":
+        raise NeoxlabError(
+            f"{bad_lines[0]}; nothing was written",
+            hint="fix the line, or pass --on-error skip to skip bad lines",
+        )
+    for line in bad_lines:
+        if len(result.bad_lines) < REPORTED_BAD_LINES:
+            log(f"skipping {line}")
+        result.bad_lines.append(line)
+
+
+def _write_documents(writer: IndexedDatasetWriter, encoded: EncodedChunk) -> None:
+    offset = 0
+    for size in encoded.sizes:
+        writer.add_document(encoded.tokens[offset : offset + size])
+        offset += size
+
+
+def _show_progress(bar: tqdm, documents: int, result: PrepareResult) -> None:
+    bar.update(documents)
+    bar.set_postfix_str(
+        f"{result.tokens:,} tokens, {result.megabytes_per_second:.1f} MB/s", refresh=False
+    )
+
+
+def _no_text_error(result: PrepareResult, text_key: str) -> NeoxlabError:
+    return NeoxlabError(
+        f"no text in {', '.join(map(str, result.files))} ({result.empty} empty texts, "
+        f"{len(result.bad_lines)} bad lines); nothing was written",
+        hint=f"each line should be a JSON object with a non-empty {text_key!r}",
+    )
