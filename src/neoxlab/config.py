@@ -472,53 +472,45 @@ class Config:
 
     def validate(self) -> None:
         """Check values that types alone do not catch. Raises NeoxlabError."""
-        positive = (
+        self._check_model_shape()
+        self._check_tokenizer()
+        self._check_batch_arithmetic()
+        self._check_schedule()
+        self._check_optimizer()
+        self._check_precision()
+        self._check_runtime()
+        self._check_data()
+        self._check_chat()
+        self._check_evaluation()
+        self._check_logging()
+        self._check_checkpointing()
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise NeoxlabError(f"{_key(name)} must be positive, got {value}")
+
+    def _check_non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise NeoxlabError(f"{_key(name)} must be a non-negative number, got {value}")
+
+    def _check_model_shape(self) -> None:
+        self._check_positive(
             "hidden_size",
             "num_layers",
             "num_attention_heads",
             "seq_length",
-            "train_micro_batch_size_per_gpu",
-            "train_iters",
-            "eval_interval",
-            "eval_iters",
-            "line_completion_samples",
-            "log_interval",
-            "save_interval",
             "make_vocab_size_divisible_by",
-            "vocab_size",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise NeoxlabError(f"{_key(name)} must be positive, got {getattr(self, name)}")
-        self._check_model_size()
-        for name in (
-            "train_batch_size",
-            "gradient_accumulation_steps",
             "max_position_embeddings",
             "intermediate_size",
-            "lr_decay_iters",
-            "keep_last_n_checkpoints",
-            "exit_interval",
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise NeoxlabError(f"{_key(name)} must be positive, got {value}")
-        for name in (
-            "lr",
-            "min_lr",
-            "weight_decay",
-            "gradient_clipping",
-            "warmup",
-            "sample_tokens",
-        ):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise NeoxlabError(f"{_key(name)} must be a non-negative number, got {value}")
+        )
+        self._check_model_size()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise NeoxlabError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
-        if self.min_lr > self.lr:
-            raise NeoxlabError(f"min-lr {self.min_lr} is larger than lr {self.lr}")
         if self.hidden_size % self.num_attention_heads:
             raise NeoxlabError(
                 f"hidden-size {self.hidden_size} is not divisible by num-attention-heads "
@@ -535,31 +527,10 @@ class Config:
             )
         _check_choice("pos_emb", self.pos_emb, ("rotary",))
         _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("device", self.device, DEVICES)
+
+    def _check_tokenizer(self) -> None:
+        self._check_positive("vocab_size")
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
-        _check_choice("compile", self.compile, ("auto", "true", "false"))
-        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        _check_choice("data_format", self.data_format, ("text", "chat"))
-        for name in ("chat_user_name", "chat_agent_name"):
-            value = getattr(self, name)
-            if not value.strip() or value != value.strip() or ":" in value or "\n" in value:
-                raise NeoxlabError(
-                    f"{_key(name)} must be a name without ':', newlines or outer spaces; "
-                    f"got {value!r}"
-                )
-        if self.chat_user_name == self.chat_agent_name:
-            raise NeoxlabError("chat-user-name and chat-agent-name must differ")
-        _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
-        _check_choice("gradient_clipping_type", self.gradient_clipping_type, ("norm", "value"))
-        if not 0 < self.wsd_decay_fraction <= 1:
-            raise NeoxlabError(
-                f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
-            )
-        self._check_precision_blocks()
-        if self.fp16.get("enabled") and self.bf16.get("enabled"):
-            raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
         specials = self.special_tokens or ["<|endoftext|>", "<|padding|>"]
         if self.tokenizer_type == "bpe" and self.vocab_size <= len(specials):
             raise NeoxlabError(
@@ -571,14 +542,66 @@ class Config:
                 f"eod-token {self.eod_token!r} is not among special-tokens {self.special_tokens}",
                 hint="add it to special-tokens or set eod-token to one of them",
             )
-        parse_split(self.split)
-        self._check_tracking()
-        self.batch_geometry(1)
+
+    def _check_batch_arithmetic(self) -> None:
+        self._check_positive(
+            "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"
+        )
+        self.batch_geometry(1)  # raises when the three batch keys disagree
+
+    def _check_schedule(self) -> None:
+        self._check_positive("train_iters", "lr_decay_iters")
+        self._check_non_negative("lr", "min_lr", "warmup")
+        if self.min_lr > self.lr:
+            raise NeoxlabError(f"min-lr {self.min_lr} is larger than lr {self.lr}")
+        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise NeoxlabError(
+                f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
+            )
+
+    def _check_optimizer(self) -> None:
+        _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
+        self._check_non_negative("weight_decay", "gradient_clipping")
+        _check_choice("gradient_clipping_type", self.gradient_clipping_type, ("norm", "value"))
+
+    def _check_precision(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        self._check_precision_blocks()
+        if self.fp16.get("enabled") and self.bf16.get("enabled"):
+            raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
+
+    def _check_runtime(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("compile", self.compile, ("auto", "true", "false"))
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
         stage = self.zero_optimization.get("stage", 0)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+    def _check_data(self) -> None:
+        _check_choice("data_format", self.data_format, ("text", "chat"))
+        parse_split(self.split)
         self._check_data_paths()
+
+    def _check_chat(self) -> None:
+        for name in ("chat_user_name", "chat_agent_name"):
+            value = getattr(self, name)
+            if not value.strip() or value != value.strip() or ":" in value or "\n" in value:
+                raise NeoxlabError(
+                    f"{_key(name)} must be a name without ':', newlines or outer spaces; "
+                    f"got {value!r}"
+                )
+        if self.chat_user_name == self.chat_agent_name:
+            raise NeoxlabError("chat-user-name and chat-agent-name must differ")
+
+    def _check_evaluation(self) -> None:
+        self._check_positive("eval_interval", "eval_iters", "line_completion_samples")
+        self._check_non_negative("sample_tokens")
+
+    def _check_checkpointing(self) -> None:
+        self._check_positive("save_interval", "keep_last_n_checkpoints", "exit_interval")
 
     def _check_model_size(self) -> None:
         # Far past any GPT-NeoX-family model: such a value is a typo, and building it (even on
@@ -628,7 +651,8 @@ class Config:
                 f"got {fp16['initial_scale_power']}"
             )
 
-    def _check_tracking(self) -> None:
+    def _check_logging(self) -> None:
+        self._check_positive("log_interval")
         # W&B rejects these only once a run starts: catch them before training does.
         project = self.wandb_project
         if project is not None and (
