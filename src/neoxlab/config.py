@@ -927,67 +927,75 @@ def _switches_optimizer(base: Any, layer: Any) -> bool:
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """Check/convert one value to its field's type. YAML reads 5e-4 as a string: accept it."""
-    expected = _TYPES[name]
-    optional = False
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        args = [a for a in typing.get_args(expected) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(expected))
-        expected = args[0]
+    expected, optional = _unwrap_optional(_TYPES[name])
     if value is None:
         if optional:
             return None
         raise NeoxlabError(f"{_key(name)} in {origin} must not be empty")
-
-    def wrong() -> NeoxlabError:
-        return NeoxlabError(
+    if typing.get_origin(expected) is list and isinstance(value, str):
+        value = value.split()  # a list may be written as words separated by spaces
+    converted = _convert(name, expected, value)
+    if converted is None:
+        raise NeoxlabError(
             f"{_key(name)} in {origin} must be {_TYPE_NAMES.get(expected, 'a value')}, "
             f"got {value!r}"
         )
+    return converted
 
+
+def _unwrap_optional(expected: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        args = [a for a in typing.get_args(expected) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(expected))
+    return expected, False
+
+
+def _convert(name: str, expected: Any, value: Any) -> Any:
+    """`value` as an `expected`, or None when it is not one (and cannot be read as one)."""
     if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong()
+        return value if isinstance(value, bool) else None
     if expected is int:
-        if isinstance(value, bool):
-            raise wrong()
-        if isinstance(value, int):
-            return value
-        number = _number(value)
-        if number is not None and math.isfinite(number) and number == int(number):
-            return int(number)
-        raise wrong()
+        return _to_int(value)
     if expected is float:
-        if isinstance(value, bool):
-            raise wrong()
-        number = _number(value)
-        if number is None:
-            raise wrong()
-        return number
+        return None if isinstance(value, bool) else _number(value)
     if expected is str:
-        if name == "compile" and isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise wrong()
+        return _to_str(name, value)
     if expected is dict:
-        if isinstance(value, dict):
-            return value
-        raise wrong()
+        return value if isinstance(value, dict) else None
     if typing.get_origin(expected) is list:
-        if isinstance(value, str):
-            value = value.split()
-        if not isinstance(value, list):
-            raise wrong()
-        if typing.get_args(expected) == (float,):
-            numbers = [None if isinstance(v, bool) else _number(v) for v in value]
-            if any(n is None for n in numbers):
-                raise wrong()
-            return numbers
-        if all(isinstance(v, str) for v in value):
-            return list(value)
-        raise wrong()
+        return _to_list(expected, value)
     raise AssertionError(f"no coercion for {expected}")
+
+
+def _to_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    number = _number(value)
+    if number is not None and math.isfinite(number) and number == int(number):
+        return int(number)
+    return None
+
+
+def _to_str(name: str, value: Any) -> str | None:
+    if name == "compile" and isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _to_list(expected: Any, value: Any) -> list | None:
+    if not isinstance(value, list):
+        return None
+    if typing.get_args(expected) == (float,):
+        numbers = [None if isinstance(v, bool) else _number(v) for v in value]
+        return None if any(n is None for n in numbers) else numbers
+    if all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
 
 
 _TYPE_NAMES = {
