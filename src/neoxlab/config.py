@@ -769,6 +769,10 @@ def _normalise_mapping(value: Any, key: str, origin: str) -> dict:
     return {canonical_key(k): v for k, v in value.items()}
 
 
+# Adds one key to the layer being flattened (an error when it is already set differently).
+_Put = typing.Callable[[str, Any], None]
+
+
 def flatten_layer(
     raw: dict, origin: str, base_dir: Path | None, ignored: list[str] | None = None
 ) -> dict[str, Any]:
@@ -787,6 +791,26 @@ def flatten_layer(
             raise NeoxlabError(f"'{_key(key)}' is set twice in {origin} with different values")
         flat[key] = value
 
+    _flatten_sections(raw, put, origin)
+    _resolve_save_dir(flat, origin)
+    for key in MAPPING_KEYS:
+        if key in flat and key != "optimizer":
+            flat[key] = _normalise_mapping(flat[key], key, origin)
+    _lift_optimizer_params(flat, origin)
+    dropped = _translate_neox_keys(flat, put, origin)
+    if ignored is not None:
+        ignored += dropped
+    for key in flat:
+        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
+            raise _unknown_key(key, origin)
+        flat[key] = neox_compat.translate_value(key, flat[key])
+    if base_dir is not None:
+        _resolve_input_paths(flat, base_dir)
+    return flat
+
+
+def _flatten_sections(raw: dict, put: _Put, origin: str) -> None:
+    """Put every key of `raw`, a section's children as top-level keys."""
     for raw_key, value in raw.items():
         key = canonical_key(raw_key)
         if key in SECTIONS:
@@ -805,7 +829,9 @@ def flatten_layer(
         else:
             put(key, value)
 
-    # `save: true` + `save-dir: X` (a common habit) means `save: X`.
+
+def _resolve_save_dir(flat: dict, origin: str) -> None:
+    """`save: true` + `save-dir: X` (a common habit) means `save: X`; `save: false` means none."""
     save_dir = flat.pop("save_dir", None)
     if save_dir is not None:
         if flat.get("save") is False:
@@ -816,11 +842,9 @@ def flatten_layer(
     elif flat.get("save") is False:
         flat["save"] = None
 
-    for key in MAPPING_KEYS:
-        if key in flat and key != "optimizer":
-            flat[key] = _normalise_mapping(flat[key], key, origin)
-    _lift_optimizer_params(flat, origin)
 
+def _translate_neox_keys(flat: dict, put: _Put, origin: str) -> list[str]:
+    """gpt-neox keys -> neoxlab's, in place; returns the DeepSpeed/Megatron keys dropped."""
     dropped: list[str] = []
     for key in list(flat):
         if key in neox_compat.TRANSLATED_KEYS:
@@ -833,20 +857,15 @@ def flatten_layer(
         zero = flat["zero_optimization"]
         dropped += [f"zero_optimization.{k}" for k in zero if k != "stage"]
         flat["zero_optimization"] = {k: v for k, v in zero.items() if k == "stage"}
-    if ignored is not None:
-        ignored += dropped
+    return dropped
 
-    for key in flat:
-        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
-            raise _unknown_key(key, origin)
-        flat[key] = neox_compat.translate_value(key, flat[key])
-    if base_dir is not None:
-        for key in INPUT_PATH_KEYS:
-            if isinstance(flat.get(key), str) and flat[key]:
-                flat[key] = _resolve(base_dir, flat[key])
-            elif isinstance(flat.get(key), list):
-                flat[key] = [_resolve(base_dir, v) if isinstance(v, str) else v for v in flat[key]]
-    return flat
+
+def _resolve_input_paths(flat: dict, base_dir: Path) -> None:
+    for key in INPUT_PATH_KEYS:
+        if isinstance(flat.get(key), str) and flat[key]:
+            flat[key] = _resolve(base_dir, flat[key])
+        elif isinstance(flat.get(key), list):
+            flat[key] = [_resolve(base_dir, v) if isinstance(v, str) else v for v in flat[key]]
 
 
 def _resolve(base_dir: Path, path: str) -> str:
@@ -859,7 +878,7 @@ def _resolve(base_dir: Path, path: str) -> str:
     return str((base_dir / expanded).resolve())
 
 
-def _put_optimizer(put, value: Any, origin: str) -> None:
+def _put_optimizer(put: _Put, value: Any, origin: str) -> None:
     """`optimizer:` holds {type, params}; any other child (lr-schedule, warmup) is a plain key."""
     if isinstance(value, str):
         put("optimizer", {"type": value})
