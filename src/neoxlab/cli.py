@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,9 +57,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"neoxlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_prepare(commands)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_generate(commands)
+    _add_export(commands)
+    _add_compare(commands)
+    return parser
 
+
+# Each `_add_*` adds one command's parser, its arguments and its handler. `commands` is what
+# `add_subparsers` returns (argparse keeps that type private).
+
+
+def _add_prepare(commands: Any) -> None:
     prepare = commands.add_parser("prepare", help="download and prepare a corpus")
     corpora = prepare.add_subparsers(dest="corpus", required=True, parser_class=_Parser)
+    _add_prepare_shakespeare(corpora)
+    _add_prepare_python_stdlib(corpora)
+    _add_prepare_code(corpora)
+    _add_prepare_jsonl(corpora)
+    _add_prepare_chat(corpora)
+
+
+def _add_out_folder(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--out", type=Path, default=Path("data"), help="output folder (default: data/)"
+    )
+
+
+def _add_split(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--split", default="900,100,0", help="train,validation,test weights")
+
+
+def _add_no_progress(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_code_corpus_options(command: argparse.ArgumentParser) -> None:
+    """What `prepare python-stdlib` and `prepare code` share: which files to keep, the split."""
+    _add_out_folder(command)
+    command.add_argument(
+        "--include-tests", action="store_true", help="keep test files and test folders"
+    )
+    command.add_argument("--max-files", type=int, help="stop after N files (quick runs)")
+    command.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=1_000_000,
+        help="drop larger files (default 1,000,000)",
+    )
+    _add_split(command)
+
+
+def _add_prepare_shakespeare(corpora: Any) -> None:
     shakespeare = corpora.add_parser(
         "shakespeare",
         help="Tiny Shakespeare -> shakespeare.jsonl (first 90%% train, last 10%% validation)",
@@ -70,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     shakespeare.add_argument("--source", type=Path, help="local copy of input.txt (no download)")
-    shakespeare.add_argument(
-        "--out", type=Path, default=Path("data"), help="output folder (default: data/)"
-    )
+    _add_out_folder(shakespeare)
     shakespeare.set_defaults(handler=_cmd_prepare_shakespeare)
 
+
+def _add_prepare_python_stdlib(corpora: Any) -> None:
     stdlib = corpora.add_parser(
         "python-stdlib",
         help="this Python's standard library -> python_stdlib.jsonl (offline code corpus)",
@@ -84,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
             "of the file's path, with a report of what was kept and dropped."
         ),
     )
+    _add_code_corpus_options(stdlib)
+    stdlib.set_defaults(handler=_cmd_prepare_python_stdlib)
+
+
+def _add_prepare_code(corpora: Any) -> None:
     code = corpora.add_parser(
         "code",
         help="a folder of .py files, a jsonl or a Hugging Face dataset -> NAME_code.jsonl",
@@ -102,24 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     code.add_argument("--hf-config", help="the dataset's configuration (e.g. python)")
     code.add_argument("--hf-split", default="train", help="the dataset's split to read")
-    for command in (stdlib, code):
-        command.add_argument(
-            "--out", type=Path, default=Path("data"), help="output folder (default: data/)"
-        )
-        command.add_argument(
-            "--include-tests", action="store_true", help="keep test files and test folders"
-        )
-        command.add_argument("--max-files", type=int, help="stop after N files (quick runs)")
-        command.add_argument(
-            "--max-file-bytes",
-            type=int,
-            default=1_000_000,
-            help="drop larger files (default 1,000,000)",
-        )
-        command.add_argument("--split", default="900,100,0", help="train,validation,test weights")
-    stdlib.set_defaults(handler=_cmd_prepare_python_stdlib)
+    _add_code_corpus_options(code)
     code.set_defaults(handler=_cmd_prepare_code)
 
+
+def _add_prepare_jsonl(corpora: Any) -> None:
     jsonl = corpora.add_parser(
         "jsonl",
         help="jsonl / .jsonl.gz / .jsonl.zst files or folders -> one GPT-NeoX .bin/.idx",
@@ -148,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="a bad line (invalid JSON, missing key) fails the run or is reported and skipped",
     )
-    jsonl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(jsonl)
     jsonl.set_defaults(handler=_cmd_prepare_jsonl)
+
+
+def _add_prepare_chat(corpora: Any) -> None:
     chat = corpora.add_parser(
         "chat",
         help="tokenize User/Agent transcripts (.txt) or messages (.jsonl) for chat finetuning",
@@ -171,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--user-name", default="User", help="speaker name of the user turns")
     chat.add_argument("--agent-name", default="Agent", help="speaker name of the replies")
     chat.add_argument("--train-on-prompt", action="store_true", help="learn user turns too")
-    chat.add_argument("--split", default="900,100,0", help="train,validation,test weights")
+    _add_split(chat)
     chat.set_defaults(handler=_cmd_prepare_chat)
 
+
+def _add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train a model from one or more config files",
@@ -187,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE")
     train.add_argument("--resume", metavar="RUN", help="continue a run directory (or `latest`)")
     train.add_argument("--name", help="run name (default: adjective_scientist)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(train)
     train.add_argument("--wandb", action="store_true", help="log to W&B (same as use-wandb=true)")
     train.add_argument(
         "--dry-run",
@@ -196,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_cmd_train)
 
+
+def _add_eval(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval", help="validation loss, perplexity and accuracy (and code metrics)"
     )
@@ -211,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     evaluate.set_defaults(handler=_cmd_eval)
 
+
+def _add_generate(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate text from a trained model")
     generate.add_argument("path", type=Path, metavar="RUN_CHECKPOINT_OR_HF_FOLDER")
     generate.add_argument("--prompt", default="", help="text to continue")
@@ -225,12 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(handler=_cmd_generate)
 
+
+def _add_export(commands: Any) -> None:
     export = commands.add_parser(
         "export", help="write a run as a Hugging Face transformers GPTNeoXForCausalLM folder"
     )
     export.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
     export.set_defaults(handler=_cmd_export)
+
+
+def _add_compare(commands: Any) -> None:
     compare = commands.add_parser(
         "compare",
         help="plot and tabulate runs side by side (from their metrics.jsonl; no W&B needed)",
@@ -254,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="plot from step N on, so the early loss does not set the y-axis (table unaffected)",
     )
     compare.set_defaults(handler=_cmd_compare)
-    return parser
 
 
 def _split_train_items(items: Sequence[str]) -> tuple[list[str], list[str]]:

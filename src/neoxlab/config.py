@@ -472,53 +472,45 @@ class Config:
 
     def validate(self) -> None:
         """Check values that types alone do not catch. Raises NeoxlabError."""
-        positive = (
+        self._check_model_shape()
+        self._check_tokenizer()
+        self._check_batch_arithmetic()
+        self._check_schedule()
+        self._check_optimizer()
+        self._check_precision()
+        self._check_runtime()
+        self._check_data()
+        self._check_chat()
+        self._check_evaluation()
+        self._check_logging()
+        self._check_checkpointing()
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise NeoxlabError(f"{_key(name)} must be positive, got {value}")
+
+    def _check_non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise NeoxlabError(f"{_key(name)} must be a non-negative number, got {value}")
+
+    def _check_model_shape(self) -> None:
+        self._check_positive(
             "hidden_size",
             "num_layers",
             "num_attention_heads",
             "seq_length",
-            "train_micro_batch_size_per_gpu",
-            "train_iters",
-            "eval_interval",
-            "eval_iters",
-            "line_completion_samples",
-            "log_interval",
-            "save_interval",
             "make_vocab_size_divisible_by",
-            "vocab_size",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise NeoxlabError(f"{_key(name)} must be positive, got {getattr(self, name)}")
-        self._check_model_size()
-        for name in (
-            "train_batch_size",
-            "gradient_accumulation_steps",
             "max_position_embeddings",
             "intermediate_size",
-            "lr_decay_iters",
-            "keep_last_n_checkpoints",
-            "exit_interval",
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise NeoxlabError(f"{_key(name)} must be positive, got {value}")
-        for name in (
-            "lr",
-            "min_lr",
-            "weight_decay",
-            "gradient_clipping",
-            "warmup",
-            "sample_tokens",
-        ):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise NeoxlabError(f"{_key(name)} must be a non-negative number, got {value}")
+        )
+        self._check_model_size()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise NeoxlabError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
-        if self.min_lr > self.lr:
-            raise NeoxlabError(f"min-lr {self.min_lr} is larger than lr {self.lr}")
         if self.hidden_size % self.num_attention_heads:
             raise NeoxlabError(
                 f"hidden-size {self.hidden_size} is not divisible by num-attention-heads "
@@ -535,31 +527,10 @@ class Config:
             )
         _check_choice("pos_emb", self.pos_emb, ("rotary",))
         _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("device", self.device, DEVICES)
+
+    def _check_tokenizer(self) -> None:
+        self._check_positive("vocab_size")
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
-        _check_choice("compile", self.compile, ("auto", "true", "false"))
-        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        _check_choice("data_format", self.data_format, ("text", "chat"))
-        for name in ("chat_user_name", "chat_agent_name"):
-            value = getattr(self, name)
-            if not value.strip() or value != value.strip() or ":" in value or "\n" in value:
-                raise NeoxlabError(
-                    f"{_key(name)} must be a name without ':', newlines or outer spaces; "
-                    f"got {value!r}"
-                )
-        if self.chat_user_name == self.chat_agent_name:
-            raise NeoxlabError("chat-user-name and chat-agent-name must differ")
-        _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
-        _check_choice("gradient_clipping_type", self.gradient_clipping_type, ("norm", "value"))
-        if not 0 < self.wsd_decay_fraction <= 1:
-            raise NeoxlabError(
-                f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
-            )
-        self._check_precision_blocks()
-        if self.fp16.get("enabled") and self.bf16.get("enabled"):
-            raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
         specials = self.special_tokens or ["<|endoftext|>", "<|padding|>"]
         if self.tokenizer_type == "bpe" and self.vocab_size <= len(specials):
             raise NeoxlabError(
@@ -571,14 +542,66 @@ class Config:
                 f"eod-token {self.eod_token!r} is not among special-tokens {self.special_tokens}",
                 hint="add it to special-tokens or set eod-token to one of them",
             )
-        parse_split(self.split)
-        self._check_tracking()
-        self.batch_geometry(1)
+
+    def _check_batch_arithmetic(self) -> None:
+        self._check_positive(
+            "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"
+        )
+        self.batch_geometry(1)  # raises when the three batch keys disagree
+
+    def _check_schedule(self) -> None:
+        self._check_positive("train_iters", "lr_decay_iters")
+        self._check_non_negative("lr", "min_lr", "warmup")
+        if self.min_lr > self.lr:
+            raise NeoxlabError(f"min-lr {self.min_lr} is larger than lr {self.lr}")
+        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise NeoxlabError(
+                f"wsd-decay-fraction must be in (0, 1], got {self.wsd_decay_fraction}"
+            )
+
+    def _check_optimizer(self) -> None:
+        _check_choice("optimizer.type", self.optimizer["type"], OPTIMIZER_TYPES)
+        self._check_non_negative("weight_decay", "gradient_clipping")
+        _check_choice("gradient_clipping_type", self.gradient_clipping_type, ("norm", "value"))
+
+    def _check_precision(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        self._check_precision_blocks()
+        if self.fp16.get("enabled") and self.bf16.get("enabled"):
+            raise NeoxlabError("fp16 and bf16 are both enabled", hint="enable at most one")
+
+    def _check_runtime(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("compile", self.compile, ("auto", "true", "false"))
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
         stage = self.zero_optimization.get("stage", 0)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+    def _check_data(self) -> None:
+        _check_choice("data_format", self.data_format, ("text", "chat"))
+        parse_split(self.split)
         self._check_data_paths()
+
+    def _check_chat(self) -> None:
+        for name in ("chat_user_name", "chat_agent_name"):
+            value = getattr(self, name)
+            if not value.strip() or value != value.strip() or ":" in value or "\n" in value:
+                raise NeoxlabError(
+                    f"{_key(name)} must be a name without ':', newlines or outer spaces; "
+                    f"got {value!r}"
+                )
+        if self.chat_user_name == self.chat_agent_name:
+            raise NeoxlabError("chat-user-name and chat-agent-name must differ")
+
+    def _check_evaluation(self) -> None:
+        self._check_positive("eval_interval", "eval_iters", "line_completion_samples")
+        self._check_non_negative("sample_tokens")
+
+    def _check_checkpointing(self) -> None:
+        self._check_positive("save_interval", "keep_last_n_checkpoints", "exit_interval")
 
     def _check_model_size(self) -> None:
         # Far past any GPT-NeoX-family model: such a value is a typo, and building it (even on
@@ -628,7 +651,8 @@ class Config:
                 f"got {fp16['initial_scale_power']}"
             )
 
-    def _check_tracking(self) -> None:
+    def _check_logging(self) -> None:
+        self._check_positive("log_interval")
         # W&B rejects these only once a run starts: catch them before training does.
         project = self.wandb_project
         if project is not None and (
@@ -745,6 +769,10 @@ def _normalise_mapping(value: Any, key: str, origin: str) -> dict:
     return {canonical_key(k): v for k, v in value.items()}
 
 
+# Adds one key to the layer being flattened (an error when it is already set differently).
+_Put = typing.Callable[[str, Any], None]
+
+
 def flatten_layer(
     raw: dict, origin: str, base_dir: Path | None, ignored: list[str] | None = None
 ) -> dict[str, Any]:
@@ -763,6 +791,26 @@ def flatten_layer(
             raise NeoxlabError(f"'{_key(key)}' is set twice in {origin} with different values")
         flat[key] = value
 
+    _flatten_sections(raw, put, origin)
+    _resolve_save_dir(flat, origin)
+    for key in MAPPING_KEYS:
+        if key in flat and key != "optimizer":
+            flat[key] = _normalise_mapping(flat[key], key, origin)
+    _lift_optimizer_params(flat, origin)
+    dropped = _translate_neox_keys(flat, put, origin)
+    if ignored is not None:
+        ignored += dropped
+    for key in flat:
+        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
+            raise _unknown_key(key, origin)
+        flat[key] = neox_compat.translate_value(key, flat[key])
+    if base_dir is not None:
+        _resolve_input_paths(flat, base_dir)
+    return flat
+
+
+def _flatten_sections(raw: dict, put: _Put, origin: str) -> None:
+    """Put every key of `raw`, a section's children as top-level keys."""
     for raw_key, value in raw.items():
         key = canonical_key(raw_key)
         if key in SECTIONS:
@@ -781,7 +829,9 @@ def flatten_layer(
         else:
             put(key, value)
 
-    # `save: true` + `save-dir: X` (a common habit) means `save: X`.
+
+def _resolve_save_dir(flat: dict, origin: str) -> None:
+    """`save: true` + `save-dir: X` (a common habit) means `save: X`; `save: false` means none."""
     save_dir = flat.pop("save_dir", None)
     if save_dir is not None:
         if flat.get("save") is False:
@@ -792,11 +842,9 @@ def flatten_layer(
     elif flat.get("save") is False:
         flat["save"] = None
 
-    for key in MAPPING_KEYS:
-        if key in flat and key != "optimizer":
-            flat[key] = _normalise_mapping(flat[key], key, origin)
-    _lift_optimizer_params(flat, origin)
 
+def _translate_neox_keys(flat: dict, put: _Put, origin: str) -> list[str]:
+    """gpt-neox keys -> neoxlab's, in place; returns the DeepSpeed/Megatron keys dropped."""
     dropped: list[str] = []
     for key in list(flat):
         if key in neox_compat.TRANSLATED_KEYS:
@@ -809,20 +857,15 @@ def flatten_layer(
         zero = flat["zero_optimization"]
         dropped += [f"zero_optimization.{k}" for k in zero if k != "stage"]
         flat["zero_optimization"] = {k: v for k, v in zero.items() if k == "stage"}
-    if ignored is not None:
-        ignored += dropped
+    return dropped
 
-    for key in flat:
-        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
-            raise _unknown_key(key, origin)
-        flat[key] = neox_compat.translate_value(key, flat[key])
-    if base_dir is not None:
-        for key in INPUT_PATH_KEYS:
-            if isinstance(flat.get(key), str) and flat[key]:
-                flat[key] = _resolve(base_dir, flat[key])
-            elif isinstance(flat.get(key), list):
-                flat[key] = [_resolve(base_dir, v) if isinstance(v, str) else v for v in flat[key]]
-    return flat
+
+def _resolve_input_paths(flat: dict, base_dir: Path) -> None:
+    for key in INPUT_PATH_KEYS:
+        if isinstance(flat.get(key), str) and flat[key]:
+            flat[key] = _resolve(base_dir, flat[key])
+        elif isinstance(flat.get(key), list):
+            flat[key] = [_resolve(base_dir, v) if isinstance(v, str) else v for v in flat[key]]
 
 
 def _resolve(base_dir: Path, path: str) -> str:
@@ -835,7 +878,7 @@ def _resolve(base_dir: Path, path: str) -> str:
     return str((base_dir / expanded).resolve())
 
 
-def _put_optimizer(put, value: Any, origin: str) -> None:
+def _put_optimizer(put: _Put, value: Any, origin: str) -> None:
     """`optimizer:` holds {type, params}; any other child (lr-schedule, warmup) is a plain key."""
     if isinstance(value, str):
         put("optimizer", {"type": value})
@@ -903,67 +946,75 @@ def _switches_optimizer(base: Any, layer: Any) -> bool:
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
     """Check/convert one value to its field's type. YAML reads 5e-4 as a string: accept it."""
-    expected = _TYPES[name]
-    optional = False
-    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
-        args = [a for a in typing.get_args(expected) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(expected))
-        expected = args[0]
+    expected, optional = _unwrap_optional(_TYPES[name])
     if value is None:
         if optional:
             return None
         raise NeoxlabError(f"{_key(name)} in {origin} must not be empty")
-
-    def wrong() -> NeoxlabError:
-        return NeoxlabError(
+    if typing.get_origin(expected) is list and isinstance(value, str):
+        value = value.split()  # a list may be written as words separated by spaces
+    converted = _convert(name, expected, value)
+    if converted is None:
+        raise NeoxlabError(
             f"{_key(name)} in {origin} must be {_TYPE_NAMES.get(expected, 'a value')}, "
             f"got {value!r}"
         )
+    return converted
 
+
+def _unwrap_optional(expected: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+        args = [a for a in typing.get_args(expected) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(expected))
+    return expected, False
+
+
+def _convert(name: str, expected: Any, value: Any) -> Any:
+    """`value` as an `expected`, or None when it is not one (and cannot be read as one)."""
     if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong()
+        return value if isinstance(value, bool) else None
     if expected is int:
-        if isinstance(value, bool):
-            raise wrong()
-        if isinstance(value, int):
-            return value
-        number = _number(value)
-        if number is not None and math.isfinite(number) and number == int(number):
-            return int(number)
-        raise wrong()
+        return _to_int(value)
     if expected is float:
-        if isinstance(value, bool):
-            raise wrong()
-        number = _number(value)
-        if number is None:
-            raise wrong()
-        return number
+        return None if isinstance(value, bool) else _number(value)
     if expected is str:
-        if name == "compile" and isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise wrong()
+        return _to_str(name, value)
     if expected is dict:
-        if isinstance(value, dict):
-            return value
-        raise wrong()
+        return value if isinstance(value, dict) else None
     if typing.get_origin(expected) is list:
-        if isinstance(value, str):
-            value = value.split()
-        if not isinstance(value, list):
-            raise wrong()
-        if typing.get_args(expected) == (float,):
-            numbers = [None if isinstance(v, bool) else _number(v) for v in value]
-            if any(n is None for n in numbers):
-                raise wrong()
-            return numbers
-        if all(isinstance(v, str) for v in value):
-            return list(value)
-        raise wrong()
+        return _to_list(expected, value)
     raise AssertionError(f"no coercion for {expected}")
+
+
+def _to_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    number = _number(value)
+    if number is not None and math.isfinite(number) and number == int(number):
+        return int(number)
+    return None
+
+
+def _to_str(name: str, value: Any) -> str | None:
+    if name == "compile" and isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _to_list(expected: Any, value: Any) -> list | None:
+    if not isinstance(value, list):
+        return None
+    if typing.get_args(expected) == (float,):
+        numbers = [None if isinstance(v, bool) else _number(v) for v in value]
+        return None if any(n is None for n in numbers) else numbers
+    if all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
 
 
 _TYPE_NAMES = {

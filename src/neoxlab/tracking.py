@@ -369,6 +369,24 @@ def open_wandb(
     WANDB_API_KEY), offline otherwise or when the server cannot be reached; WANDB_MODE decides
     when set. The key is handed to wandb in memory only, never written anywhere by neoxlab.
     """
+    wandb = _import_wandb()
+    requested = os.environ.get("WANDB_MODE", "").strip().lower()
+    if requested == "disabled":
+        log("W&B: off (WANDB_MODE=disabled)")
+        return None
+    mode, reason, colab_key = _choose_wandb_mode(wandb, requested)
+    settings: dict[str, Any] = {"silent": True}  # neoxlab prints the one line that matters
+    if colab_key:
+        settings["api_key"] = colab_key
+    arguments = {
+        **_wandb_init_arguments(config, run_dir, config_files, info, resumed),
+        "settings": wandb.Settings(**settings),
+    }
+    run = _start_wandb_run(wandb, mode, reason, arguments, run_dir, log)
+    return WandbSink(wandb, run, run_dir, _saved_samples(run_dir, resume_step))
+
+
+def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
@@ -376,26 +394,34 @@ def open_wandb(
             "use-wandb is set but wandb is not installed",
             hint='pip install "neoxlab[wandb]", or drop use-wandb/--wandb',
         ) from None
-    requested = os.environ.get("WANDB_MODE", "").strip().lower()
-    if requested == "disabled":
-        log("W&B: off (WANDB_MODE=disabled)")
-        return None
-    settings: dict[str, Any] = {"silent": True}  # neoxlab prints the one line that matters
+    return wandb
+
+
+def _choose_wandb_mode(wandb: Any, requested: str) -> tuple[str, str, str | None]:
+    """(online or offline, why offline, the Colab secret's API key when that is the key)."""
     if requested in ("offline", "dryrun"):
-        mode, reason = "offline", f"WANDB_MODE={requested}"
-    elif wandb.login(prompt=False, verify=False):
-        mode, reason = "online", ""
-    elif key := colab_secret("WANDB_API_KEY"):
-        mode, reason = "online", ""
-        settings["api_key"] = key
-    elif requested == "online":
+        return "offline", f"WANDB_MODE={requested}", None
+    if wandb.login(prompt=False, verify=False):
+        return "online", "", None
+    if key := colab_secret("WANDB_API_KEY"):
+        return "online", "", key
+    if requested == "online":
         raise NeoxlabError(
             "WANDB_MODE=online but no W&B API key is configured",
             hint="run `wandb login`, set WANDB_API_KEY, or unset WANDB_MODE to log offline",
         )
-    else:
-        mode, reason = "offline", "no API key found"
-    arguments = {
+    return "offline", "no API key found", None
+
+
+def _wandb_init_arguments(
+    config: Config,
+    run_dir: Path,
+    config_files: Sequence[str],
+    info: dict[str, Any],
+    resumed: dict[str, str] | None,
+) -> dict[str, Any]:
+    """`wandb.init`'s arguments that name the run, say where it lives and what it logs."""
+    return {
         "project": wandb_project(config, config_files, resumed),
         "entity": config.wandb_entity,
         "group": config.wandb_group,
@@ -408,15 +434,25 @@ def open_wandb(
         "resume": "allow" if resumed else None,
         # The tracker logs through its own run object: never hijack or finish a user's run.
         "reinit": "create_new",
-        "settings": wandb.Settings(**settings),
     }
+
+
+def _start_wandb_run(
+    wandb: Any,
+    mode: str,
+    reason: str,
+    arguments: dict[str, Any],
+    run_dir: Path,
+    log: Callable[[str], None],
+) -> Any:
+    """`wandb.init` online when `mode` says so, offline when asked or the server is unreachable."""
     run = None
     if mode == "online":
         try:
             run = wandb.init(mode="online", **arguments)
         except wandb.errors.CommError as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else "no answer"
-            mode, reason = "offline", f"the W&B server is unreachable ({first_line})"
+            reason = f"the W&B server is unreachable ({first_line})"
     if run is None:
         run = wandb.init(mode="offline", **arguments)
         log(
@@ -425,7 +461,7 @@ def open_wandb(
         )
     else:
         log(f"W&B: logging to {run.url}")
-    return WandbSink(wandb, run, run_dir, _saved_samples(run_dir, resume_step))
+    return run
 
 
 def _saved_samples(run_dir: Path, up_to: int | None) -> list[list[Any]]:
