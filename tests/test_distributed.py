@@ -186,11 +186,11 @@ def test_slurm_scripts_prepare_then_train(overrides, tmp_path):
     prefix = tmp_path / "data" / "c4_text_document"
     model = [o for o in overrides if not o.startswith(("data-path", "vocab-size"))]
     arguments = [*model, f"data-path={prefix}", f"vocab-file={data_tokenizer}", "tokenizer-type=hf"]
-    sbatch("train.sbatch", *arguments, "exit-interval=3", "load=latest")
+    sbatch("train.sbatch", *arguments, "exit-interval=3")
     run = only_run(tmp_path)
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step_0000003"]
     # the same command again continues that run (as a requeued job would)
-    sbatch("train.sbatch", *arguments, "load=latest")
+    sbatch("train.sbatch", *arguments)  # the script resumes on its own (--resume auto)
     assert only_run(tmp_path) == run
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
 

@@ -377,6 +377,15 @@ class _Payload:
         return (pathlib.Path.write_text, (self.marker, "code ran"))
 
 
+def record_size(planted: Path) -> None:
+    """What an attacker who swaps a checkpoint file also does: record its size in state.json,
+    so the checkpoint passes as complete and the file reaches the loader."""
+    state_file = planted.with_name("state.json")
+    state = json.loads(state_file.read_text())
+    state["file_sizes"][planted.name] = planted.stat().st_size
+    state_file.write_text(json.dumps(state))
+
+
 def test_pickle_bomb_checkpoint_is_refused_on_resume_and_never_runs(run_dir, tmp_path, capsys):
     optimizer = run_dir / "checkpoints" / "step_0000010" / "optimizer.pt"
     # The bomb is live: an unguarded torch.load runs it.
@@ -386,6 +395,7 @@ def test_pickle_bomb_checkpoint_is_refused_on_resume_and_never_runs(run_dir, tmp
     assert armed.read_text() == "code ran"
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _Payload(marker), "scaler": {}, "rng": {}}, optimizer)
+    record_size(optimizer)
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 2
     err = one_line_error(capsys)
     assert f"refusing to load {optimizer}" in err and "never unpickles code" in err
@@ -393,6 +403,7 @@ def test_pickle_bomb_checkpoint_is_refused_on_resume_and_never_runs(run_dir, tmp
     # weights that are a pickle instead of safetensors are refused too (eval, generate, export)
     weights = optimizer.with_name("model.safetensors")
     weights.write_bytes(pickle.dumps(_Payload(marker)))
+    record_size(weights)
     assert main(["generate", str(run_dir), "--device", "cpu"]) == 2
     assert "unreadable" in one_line_error(capsys)
     assert not marker.exists()

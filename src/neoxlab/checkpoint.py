@@ -47,7 +47,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints under `root`, oldest first (temporary and incomplete folders are
+    ignored)."""
     if not root.is_dir():
         return []
     found = [
@@ -56,9 +57,34 @@ def list_checkpoints(root: Path) -> list[Path]:
         if path.is_dir()
         and path.name.startswith(STEP_PREFIX)
         and not is_temporary(path)
-        and (path / "state.json").is_file()
+        and is_complete(path)
     ]
     return sorted(found, key=lambda p: p.name)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Every file of the checkpoint is there, as large as its state.json says.
+
+    state.json is written last and records the other files' sizes, so a folder that was copied
+    or renamed file by file (an object-store mount renames that way) and cut short is refused,
+    whichever files it already holds. Checkpoints from before the sizes were recorded need
+    every file present."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    sizes = state.get("file_sizes") if isinstance(state, dict) else None
+    if not isinstance(sizes, dict):
+        return all((checkpoint / name).is_file() for name in FILES)
+    for name in FILES:
+        if name == "state.json":
+            continue
+        try:
+            if (checkpoint / name).stat().st_size != sizes.get(name):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -90,8 +116,11 @@ def save_checkpoint(
         weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
         _save_training_state(training_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        # last, with the other files' sizes: what is_complete checks
+        sizes = {path.name: path.stat().st_size for path in tmp.iterdir()}
+        text = json.dumps({**state, "file_sizes": sizes}, indent=2)
+        (tmp / "state.json").write_text(text, encoding="utf-8")
         _fsync_dir_files(tmp)
         if final.exists():
             # Only when a resumed run re-saves the step it resumed from. A kill from here to

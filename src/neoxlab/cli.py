@@ -233,7 +233,12 @@ def _add_train(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE")
-    train.add_argument("--resume", metavar="RUN", help="continue a run directory (or `latest`)")
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a run directory, `latest` (the newest run), or `auto` (the run with the "
+        "newest complete checkpoint, named --name when given; a new run when there is none)",
+    )
     train.add_argument("--name", help="run name (default: adjective_scientist)")
     _add_no_progress(train)
     train.add_argument("--wandb", action="store_true", help="log to W&B (same as use-wandb=true)")
@@ -400,9 +405,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun every rank runs this; only rank 0 prints.
     is_main = distributed.world_from_environment().is_main
     files, overrides = _split_train_items(args.items)
-    resume = find_run(args.resume) if args.resume else None
+    auto = args.resume == "auto"
+    resume = find_run(args.resume) if args.resume and not auto else None
     if not files and not overrides and resume is None:
-        raise NeoxlabError("no config file given", hint="neoxlab train configs/shakespeare.yml")
+        hint = "neoxlab train configs/shakespeare.yml"
+        if auto:
+            hint = f"{hint} --resume auto (it starts a new run when there is nothing to resume)"
+        raise NeoxlabError("no config file given", hint=hint)
     if args.name:
         overrides.append(f"run-name={args.name}")
     if args.wandb:
@@ -410,7 +419,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not files and resume is not None:
         files = [str(resume / "config.yml")]
     config = load_config(files, overrides, notice=None if is_main else lambda _: None)
-    if resume is None and config.load:
+    if auto or (resume is None and config.load == "latest"):
+        resume = _resumable_run(config.run_name, is_main)
+    elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
         from neoxlab.memory import describe
@@ -458,18 +469,40 @@ def _shell_quote(text: str) -> str:
     return f"$'{escaped}'"
 
 
-def _run_to_load(load: str, is_main: bool) -> Path | None:
-    """gpt-neox's `load`: continue that run when it has a checkpoint, else start a new run."""
+def _resumable_run(run_name: str | None, is_main: bool) -> Path | None:
+    """`--resume auto` (and gpt-neox's `load: latest`): the run under runs/ (named `run_name`,
+    when set) holding the newest complete checkpoint; None, saying so, when there is none.
+
+    The same command can so be rerun after any stop (a preempted cloud VM, a Slurm requeue,
+    a torchrun restart) and continues where the last complete checkpoint left off."""
     from neoxlab.checkpoint import latest_checkpoint
     from neoxlab.config import config_from_dict, read_yaml
-    from neoxlab.tracking import RUNS_DIR, find_run
+    from neoxlab.tracking import RUNS_DIR, runs_under
 
-    if load == "latest":
-        exists = any((Path.cwd() / RUNS_DIR).glob("*/config.yml"))
-    else:
-        exists = Path(load).expanduser().exists()
+    base = Path.cwd() / RUNS_DIR
+    written = []  # (when its newest complete checkpoint was written, run)
+    for run in runs_under(base, run_name):
+        saved = config_from_dict(read_yaml(run / "config.yml"))
+        checkpoint = latest_checkpoint(run / saved.save) if saved.save else None
+        if checkpoint is not None:
+            written.append(((checkpoint / "state.json").stat().st_mtime, run))
+    if not written:
+        if is_main:
+            named = f" named {run_name}" if run_name else ""
+            message = f"note: no run{named} under {base} has a checkpoint: starting a new run"
+            print(message, file=sys.stderr)
+        return None
+    return max(written)[1]  # the trainer says which checkpoint it resumes from
+
+
+def _run_to_load(load: str, is_main: bool) -> Path | None:
+    """gpt-neox's `load: RUN`: continue that run when it has a checkpoint, else start a new run."""
+    from neoxlab.checkpoint import latest_checkpoint
+    from neoxlab.config import config_from_dict, read_yaml
+    from neoxlab.tracking import find_run
+
     run = None
-    if exists:
+    if Path(load).expanduser().exists():
         run = find_run(load)
         saved = config_from_dict(read_yaml(run / "config.yml"))
         if not saved.save or latest_checkpoint(run / saved.save) is None:

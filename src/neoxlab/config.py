@@ -415,7 +415,9 @@ class Config:
     load: str | None = field(
         default=None,
         metadata=_help(
-            "run directory (or latest) to continue, as --resume; absent: a new run", "checkpointing"
+            "run directory to continue (a new run while it has no checkpoint); latest: as "
+            "--resume auto; absent: a new run",
+            "checkpointing",
         ),
     )
 

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -101,14 +102,24 @@ def new_run_dir(name: str | None, base: Path | None = None) -> Path:
     return path
 
 
+def runs_under(base: Path, name: str | None = None) -> list[Path]:
+    """The run directories under `base`; with `name`, only those new_run_dir made for it."""
+    named = re.compile(rf"{re.escape(name)}-\d{{10}}(-\d+)?") if name else None
+    return [
+        path.parent
+        for path in base.glob("*/config.yml")
+        if named is None or named.fullmatch(path.parent.name)
+    ]
+
+
 def find_run(spec: str | Path, base: Path | None = None) -> Path:
     """A run directory given as a path or as `latest` (newest run under runs/)."""
     base = base or Path.cwd() / RUNS_DIR
     if str(spec) == "latest":
-        runs = [p for p in base.glob("*/config.yml")] if base.is_dir() else []
+        runs = runs_under(base)
         if not runs:
             raise NeoxlabError(f"no runs under {base} to resume", hint="train one first")
-        return max(runs, key=lambda p: p.stat().st_mtime).parent
+        return max(runs, key=lambda run: (run / "config.yml").stat().st_mtime)
     path = Path(spec).expanduser()
     if not (path / "config.yml").is_file():
         raise NeoxlabError(f"{path} is not a neoxlab run directory (no config.yml)")
