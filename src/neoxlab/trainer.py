@@ -27,7 +27,7 @@ from neoxlab.checkpoint import (
     save_checkpoint,
 )
 from neoxlab.config import Config, model_config, padded_vocab_size, save_config
-from neoxlab.data.batches import on_device
+from neoxlab.data.batches import Sampler, on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
@@ -137,6 +137,27 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _runtime_and_world(
+    config: Config, log: Callable[[str], None]
+) -> tuple[Runtime, distributed.World]:
+    """Device, precision and compilation for this hardware; joins torchrun's process group."""
+    runtime = resolve_runtime(
+        config.device,
+        config.requested_precision(),
+        config.compile,
+        notice=log,
+        compile_mode=config.compile_mode,
+    )
+    if runtime.cuda_graphs and distributed.world_from_environment().distributed:
+        raise NeoxlabError(
+            f"compile-mode {config.compile_mode} captures CUDA graphs, which neoxlab "
+            "supports on one GPU only",
+            hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
+        )
+    world, device = distributed.init_world(runtime.device)
+    return dataclasses.replace(runtime, device=device), world
+
+
 class StepHealth:
     """What the steps since the last check left on the device, kept there so that the hot loop
     never waits for the GPU: the first step whose loss or gradient norm was not finite (with
@@ -188,7 +209,6 @@ class Trainer:
         log: Callable[[str], None] = print,
         progress: bool = True,
     ) -> None:
-        self.config = config
         self.config_files = [str(p) for p in config_files]
         if not distributed.world_from_environment().is_main:
             log = _quiet  # only rank 0 talks
@@ -196,36 +216,14 @@ class Trainer:
         self.show_progress = progress
         # init-from decides the architecture and tokenizer; the run's config.yml records them
         self.config = config = apply_init_from(config, log)
-        self.runtime = resolve_runtime(
-            config.device,
-            config.requested_precision(),
-            config.compile,
-            notice=log,
-            compile_mode=config.compile_mode,
-        )
-        if self.runtime.cuda_graphs and distributed.world_from_environment().distributed:
-            raise NeoxlabError(
-                f"compile-mode {config.compile_mode} captures CUDA graphs, which neoxlab "
-                "supports on one GPU only",
-                hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
-            )
-        self.world, device = distributed.init_world(self.runtime.device)
-        self.runtime = dataclasses.replace(self.runtime, device=device)
+        self.runtime, self.world = _runtime_and_world(config, log)
         self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
             self.world.world_size
         )
         torch.manual_seed(config.seed)
         self.data: PreparedData = self._prepare_data()
-        if self.sharded:
-            self.model = distributed.build_sharded(
-                lambda where: build_model(config, self.data.tokenizer, where),
-                self.world,
-                device,
-                self.runtime.dtype,
-            )
-        else:
-            self.model = build_model(config, self.data.tokenizer, device)
+        self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
         self.step = 0
@@ -233,7 +231,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed = 0.0
         self.skipped_steps = 0
-        self.health = StepHealth(device)
+        self.health = StepHealth(self.runtime.device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         self.stopped_by: str | None = None
         if resume is not None:
@@ -242,10 +240,7 @@ class Trainer:
         else:
             created = new_run_dir(config.run_name) if self.world.is_main else None
             self.run_dir = distributed.broadcast_from_main(created, self.world)
-        train_sampler, val_sampler = build_samplers(config, self.data)
-        # Same batches, fed faster: small corpora on the GPU, others prefetched (batches.py).
-        self.train_sampler = on_device(train_sampler, device)
-        self.val_sampler = on_device(val_sampler, device, prefetch=False)
+        self.train_sampler, self.val_sampler = self._build_samplers()
 
     def _prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes and caches first; the other ranks then read its cache."""
@@ -255,6 +250,22 @@ class Trainer:
         if not self.world.is_main:
             data = prepare_data(self.config, _quiet)
         return data
+
+    def _build_model(self) -> GPTNeoX:
+        if not self.sharded:
+            return build_model(self.config, self.data.tokenizer, self.runtime.device)
+        return distributed.build_sharded(
+            lambda where: build_model(self.config, self.data.tokenizer, where),
+            self.world,
+            self.runtime.device,
+            self.runtime.dtype,
+        )
+
+    def _build_samplers(self) -> tuple[Sampler, Sampler]:
+        train_sampler, val_sampler = build_samplers(self.config, self.data)
+        # Same batches, fed faster: small corpora on the GPU, others prefetched (batches.py).
+        device = self.runtime.device
+        return on_device(train_sampler, device), on_device(val_sampler, device, prefetch=False)
 
     # ---- resume -------------------------------------------------------------------------------
 
