@@ -27,7 +27,7 @@ from neoxlab.checkpoint import (
     save_checkpoint,
 )
 from neoxlab.config import Config, model_config, padded_vocab_size, save_config
-from neoxlab.data.batches import on_device
+from neoxlab.data.batches import Sampler, on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
@@ -137,6 +137,27 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _runtime_and_world(
+    config: Config, log: Callable[[str], None]
+) -> tuple[Runtime, distributed.World]:
+    """Device, precision and compilation for this hardware; joins torchrun's process group."""
+    runtime = resolve_runtime(
+        config.device,
+        config.requested_precision(),
+        config.compile,
+        notice=log,
+        compile_mode=config.compile_mode,
+    )
+    if runtime.cuda_graphs and distributed.world_from_environment().distributed:
+        raise NeoxlabError(
+            f"compile-mode {config.compile_mode} captures CUDA graphs, which neoxlab "
+            "supports on one GPU only",
+            hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
+        )
+    world, device = distributed.init_world(runtime.device)
+    return dataclasses.replace(runtime, device=device), world
+
+
 class StepHealth:
     """What the steps since the last check left on the device, kept there so that the hot loop
     never waits for the GPU: the first step whose loss or gradient norm was not finite (with
@@ -176,6 +197,24 @@ class StepHealth:
         return int(first_bad), loss, grad_norm, int(skipped)
 
 
+@dataclass
+class _LoopState:
+    """What one `Trainer.run` carries from step to step besides the Trainer's own counters."""
+
+    model: torch.nn.Module  # what the steps run: DDP-wrapped and compiled where that applies
+    end: int  # the step this run stops after
+    tracker: Tracker | _Silent
+    progress: Progress | _Silent
+    flops_per_token: int
+    peak_flops: float | None  # None where the device's peak is unknown: no MFU
+    last_eval: dict[str, float]
+    train_loss: float | None = None  # at the last logged step
+    checkpoint: Path | None = None  # the last one this run saved
+    # Tokens/s window: from the last logged step, less the time spent evaluating and saving.
+    window_start: float = dataclasses.field(default_factory=time.perf_counter)
+    window_tokens: int = 0
+
+
 class Trainer:
     """Holds the state of one run; `run()` trains until train-iters or exit-interval."""
 
@@ -188,7 +227,6 @@ class Trainer:
         log: Callable[[str], None] = print,
         progress: bool = True,
     ) -> None:
-        self.config = config
         self.config_files = [str(p) for p in config_files]
         if not distributed.world_from_environment().is_main:
             log = _quiet  # only rank 0 talks
@@ -196,36 +234,14 @@ class Trainer:
         self.show_progress = progress
         # init-from decides the architecture and tokenizer; the run's config.yml records them
         self.config = config = apply_init_from(config, log)
-        self.runtime = resolve_runtime(
-            config.device,
-            config.requested_precision(),
-            config.compile,
-            notice=log,
-            compile_mode=config.compile_mode,
-        )
-        if self.runtime.cuda_graphs and distributed.world_from_environment().distributed:
-            raise NeoxlabError(
-                f"compile-mode {config.compile_mode} captures CUDA graphs, which neoxlab "
-                "supports on one GPU only",
-                hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
-            )
-        self.world, device = distributed.init_world(self.runtime.device)
-        self.runtime = dataclasses.replace(self.runtime, device=device)
+        self.runtime, self.world = _runtime_and_world(config, log)
         self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
             self.world.world_size
         )
         torch.manual_seed(config.seed)
         self.data: PreparedData = self._prepare_data()
-        if self.sharded:
-            self.model = distributed.build_sharded(
-                lambda where: build_model(config, self.data.tokenizer, where),
-                self.world,
-                device,
-                self.runtime.dtype,
-            )
-        else:
-            self.model = build_model(config, self.data.tokenizer, device)
+        self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
         self.step = 0
@@ -233,7 +249,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.elapsed = 0.0
         self.skipped_steps = 0
-        self.health = StepHealth(device)
+        self.health = StepHealth(self.runtime.device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         self.stopped_by: str | None = None
         if resume is not None:
@@ -242,10 +258,7 @@ class Trainer:
         else:
             created = new_run_dir(config.run_name) if self.world.is_main else None
             self.run_dir = distributed.broadcast_from_main(created, self.world)
-        train_sampler, val_sampler = build_samplers(config, self.data)
-        # Same batches, fed faster: small corpora on the GPU, others prefetched (batches.py).
-        self.train_sampler = on_device(train_sampler, device)
-        self.val_sampler = on_device(val_sampler, device, prefetch=False)
+        self.train_sampler, self.val_sampler = self._build_samplers()
 
     def _prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes and caches first; the other ranks then read its cache."""
@@ -255,6 +268,22 @@ class Trainer:
         if not self.world.is_main:
             data = prepare_data(self.config, _quiet)
         return data
+
+    def _build_model(self) -> GPTNeoX:
+        if not self.sharded:
+            return build_model(self.config, self.data.tokenizer, self.runtime.device)
+        return distributed.build_sharded(
+            lambda where: build_model(self.config, self.data.tokenizer, where),
+            self.world,
+            self.runtime.device,
+            self.runtime.dtype,
+        )
+
+    def _build_samplers(self) -> tuple[Sampler, Sampler]:
+        train_sampler, val_sampler = build_samplers(self.config, self.data)
+        # Same batches, fed faster: small corpora on the GPU, others prefetched (batches.py).
+        device = self.runtime.device
+        return on_device(train_sampler, device), on_device(val_sampler, device, prefetch=False)
 
     # ---- resume -------------------------------------------------------------------------------
 
@@ -300,7 +329,221 @@ class Trainer:
             )
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
 
-    # ---- pieces of the loop ---------------------------------------------------------------------
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train from the current step to train-iters, or to the next exit-interval multiple."""
+        loop = self._start()
+        signals = StopOnSignal(self.world, self.runtime.device, loop.progress.write).install()
+        try:
+            while self.step < loop.end:
+                loss, grad_norm = self._train_step(loop.model)
+                self._count_step(loop)
+                stop = signals.requested()  # a signal: this step is the last, logged and saved
+                self._log_eval_save(loop, loss, grad_norm, last=self.step == loop.end or bool(stop))
+                if stop:
+                    self.stopped_by = signal.Signals(stop).name
+                    break
+        finally:
+            signals.restore()
+            self._finish(loop)
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            loop.train_loss,
+            self.best_val_loss,
+            loop.last_eval,
+            finished=self.step >= self.config.train_iters,
+            stopped_by=self.stopped_by,
+        )
+
+    def _start(self) -> _LoopState:
+        """Set up: run files and tracker, the model the steps run (DDP, compiled), the evaluation
+        at step 0 of a new run, the progress bar."""
+        resumed = self.step > 0
+        tracker = self._open_tracker(resumed)
+        model = self.model
+        if self.world.distributed and not self.sharded:
+            model = distributed.wrap_ddp(model, self.runtime.device)
+        model = self.runtime.compiled(model)
+        end = self._end_step()
+        self.log(
+            f"run {self.run_dir} | {self.model.num_parameters():,} parameters | "
+            f"{self.runtime.device.type} {self.runtime.precision}"
+            f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
+            f"{self.config.seq_length} tokens ({self.accumulation} micro-batches of "
+            f"{self.micro_batch})"
+        )
+        last_eval: dict[str, float] = {}
+        if not resumed and self.step < end:
+            last_eval = self._eval_and_log(tracker, progress=None)
+        progress = (
+            Progress(end, self.step, enabled=self.show_progress)
+            if self.world.is_main
+            else _Silent()
+        )
+        self.model.train()
+        return _LoopState(
+            model,
+            end,
+            tracker,
+            progress,
+            flops_per_token=self.model.flops_per_token(self.config.seq_length),
+            peak_flops=self.runtime.peak_flops(),
+            last_eval=last_eval,
+        )
+
+    def _open_tracker(self, resumed: bool) -> Tracker | _Silent:
+        if not self.world.is_main:
+            return _Silent()
+        self._write_run_files()
+        tracker = Tracker(
+            self.run_dir,
+            resume_step=self.step if resumed else None,
+            config=self.config,
+            config_files=self.config_files,
+            info=run_info(self.runtime, self.model.num_parameters(), self.data.summary),
+            wandb_run=self.wandb_run,
+            log=self.log,
+        )
+        self.wandb_run = tracker.wandb_run
+        return tracker
+
+    def _end_step(self) -> int:
+        """The step this run stops after: train-iters, or the next multiple of exit-interval."""
+        end, interval = self.config.train_iters, self.config.exit_interval
+        if interval:
+            # As gpt-neox: stop at the next multiple, so each resumed part trains that many steps.
+            end = min(end, (self.step // interval + 1) * interval)
+        return end
+
+    def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm).
+
+        Nothing here waits for the GPU: loss and grad norm stay on the device, and the checks
+        DESIGN asks for (non-finite loss, fp16 skipped steps) go through `self.health`, read at
+        log, eval and save steps by `_check_health`."""
+        set_lr(self.optimizer, lr_at(self.step, self.config))
+        batch = self.train_sampler.batch(self.step, self.global_batch)
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        rank, world_size = self.world.rank, self.world.world_size
+        for index in range(self.accumulation):
+            # Rank r of W takes micro-batches r, r + W, ...: the step's batch at any world size.
+            first = (index * world_size + rank) * self.micro_batch
+            micro = batch.rows(first, first + self.micro_batch).to(self.runtime.device)
+            # Gradients are reduced across ranks once per step, after the last micro-batch.
+            with distributed.gradient_sync(model, index == self.accumulation - 1):
+                if self.runtime.cuda_graphs:
+                    # a new step: outputs of earlier graph replays may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.runtime.autocast():
+                    _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
+                self.scaler.scale(loss / self.accumulation).backward()
+            loss_sum += loss.detach().float()
+        # Every rank sees the same global loss (and grad norm), so all stop together.
+        loss = distributed.mean_across_ranks(loss_sum / self.accumulation, self.world)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.model.parameters(), self.config)
+        self.scaler.step(self.optimizer)  # fused AdamW skips overflowed steps on the device
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.health.record(self.step + 1, loss, grad_norm, fp16=self.scaler.is_enabled())
+        return loss, grad_norm
+
+    def _count_step(self, loop: _LoopState) -> None:
+        self.step += 1
+        step_tokens = self.global_batch * self.config.seq_length
+        self.tokens += step_tokens
+        loop.window_tokens += step_tokens
+        loop.progress.advance()
+
+    def _log_eval_save(
+        self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
+    ) -> None:
+        """Log, evaluate and checkpoint where this step is due for them; the `last` step of a run
+        is always logged, and checkpointed when the run saves."""
+        config = self.config
+        logging = self.step % config.log_interval == 0 or self.step == 1 or last
+        evaluating = self.step % config.eval_interval == 0 or self.step == config.train_iters
+        saving = config.save and (self.step % config.save_interval == 0 or last)
+        if logging or evaluating or saving:
+            # The loop's only host sync: the time of this window then includes all the
+            # GPU work queued before evaluation or checkpointing starts.
+            self._check_health()
+        if logging:
+            self._log_train(loop, loss, grad_norm)
+        pause_start = time.perf_counter()
+        if evaluating:
+            loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
+        if saving:
+            loop.checkpoint = self.save()
+            loop.progress.write(f"saved checkpoint {loop.checkpoint}")
+        # Evaluation and checkpointing are not training time: keep them out of tokens/s.
+        loop.window_start += time.perf_counter() - pause_start
+
+    def _log_train(self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The step's train/ metrics, with tokens/s over the steps since the last logged one."""
+        loop.train_loss = float(loss)
+        seconds = time.perf_counter() - loop.window_start
+        self.elapsed += seconds
+        tokens_per_second = loop.window_tokens / max(seconds, 1e-9)
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train/loss": loop.train_loss,
+            "train/lr": lr_at(self.step - 1, self.config),
+            "train/grad_norm": float(grad_norm),
+            "train/tokens_per_second": tokens_per_second,
+            "train/skipped_steps": self.skipped_steps,
+        }
+        if loop.peak_flops:
+            # tokens/s counts every rank's tokens: divide by all ranks' peak
+            record["train/mfu"] = model_flops_utilization(
+                loop.flops_per_token, tokens_per_second, loop.peak_flops, self.world.world_size
+            )
+        loop.tracker.log(record)
+        loop.progress.show(
+            loop.train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
+        )
+        loop.window_start, loop.window_tokens = time.perf_counter(), 0
+
+    def _eval_and_log(
+        self, tracker: Tracker | _Silent, progress: Progress | _Silent | None
+    ) -> dict[str, float]:
+        result = self.evaluate()
+        tracker.log(
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "val/loss": result["loss"],
+                "val/ppl": result["ppl"],
+                "val/acc": result["acc"],
+                **{f"val/{name}": result[name] for name in CODE_METRICS if name in result},
+            }
+        )
+        write = progress.write if progress else self.log
+        write(
+            f"step {self.step}: val loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
+            f"acc {result['acc']:.3f}{format_code_metrics(result)}"
+        )
+        sample = self._sample()
+        if sample is not None:
+            tracker.log_sample(self.step, sample)
+            write(f"--- sample at step {self.step} ---\n{sample}\n---")
+        return result
+
+    def _finish(self, loop: _LoopState) -> None:
+        loop.progress.close()
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train/loss": loop.train_loss,
+            "best_val_loss": self.best_val_loss,
+            "train_seconds": self.elapsed,
+        }
+        loop.tracker.finish(summary, loop.checkpoint)
+
+    # ---- what the phases call: checkpoints, evaluation, samples, health -------------------------
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -383,39 +626,6 @@ class Trainer:
             model_max_length=self.config.context_length,
         )
 
-    def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accumulation` micro-batches; returns (loss, grad norm).
-
-        Nothing here waits for the GPU: loss and grad norm stay on the device, and the checks
-        DESIGN asks for (non-finite loss, fp16 skipped steps) go through `self.health`, read at
-        log, eval and save steps by `_check_health`."""
-        set_lr(self.optimizer, lr_at(self.step, self.config))
-        batch = self.train_sampler.batch(self.step, self.global_batch)
-        loss_sum = torch.zeros((), device=self.runtime.device)
-        rank, world_size = self.world.rank, self.world.world_size
-        for index in range(self.accumulation):
-            # Rank r of W takes micro-batches r, r + W, ...: the step's batch at any world size.
-            first = (index * world_size + rank) * self.micro_batch
-            micro = batch.rows(first, first + self.micro_batch).to(self.runtime.device)
-            # Gradients are reduced across ranks once per step, after the last micro-batch.
-            with distributed.gradient_sync(model, index == self.accumulation - 1):
-                if self.runtime.cuda_graphs:
-                    # a new step: outputs of earlier graph replays may be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
-                with self.runtime.autocast():
-                    _, loss = model(micro.inputs, micro.targets, **micro.model_kwargs())
-                self.scaler.scale(loss / self.accumulation).backward()
-            loss_sum += loss.detach().float()
-        # Every rank sees the same global loss (and grad norm), so all stop together.
-        loss = distributed.mean_across_ranks(loss_sum / self.accumulation, self.world)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.model.parameters(), self.config)
-        self.scaler.step(self.optimizer)  # fused AdamW skips overflowed steps on the device
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.health.record(self.step + 1, loss, grad_norm, fp16=self.scaler.is_enabled())
-        return loss, grad_norm
-
     def _check_health(self) -> None:
         """Count the skipped fp16 steps and stop at a diverged run: one host sync."""
         first_bad, loss, grad_norm, skipped = self.health.read()
@@ -439,154 +649,6 @@ class Trainer:
             f"training stopped at step {step}: {reason} ({value}); {where}",
             hint="lower lr, raise warmup or gradient-clipping, then resume or restart",
         )
-
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def run(self) -> TrainResult:
-        config = self.config
-        resumed = self.step > 0
-        if self.world.is_main:
-            self._write_run_files()
-            tracker = Tracker(
-                self.run_dir,
-                resume_step=self.step if resumed else None,
-                config=config,
-                config_files=self.config_files,
-                info=run_info(self.runtime, self.model.num_parameters(), self.data.summary),
-                wandb_run=self.wandb_run,
-                log=self.log,
-            )
-            self.wandb_run = tracker.wandb_run
-        else:
-            tracker = _Silent()
-        model = self.model
-        if self.world.distributed and not self.sharded:
-            model = distributed.wrap_ddp(model, self.runtime.device)
-        model = self.runtime.compiled(model)
-        end = config.train_iters
-        if config.exit_interval:
-            # As gpt-neox: stop at the next multiple, so each resumed part trains that many steps.
-            end = min(end, (self.step // config.exit_interval + 1) * config.exit_interval)
-        flops_per_token = self.model.flops_per_token(config.seq_length)
-        peak = self.runtime.peak_flops()
-        self.log(
-            f"run {self.run_dir} | {self.model.num_parameters():,} parameters | "
-            f"{self.runtime.device.type} {self.runtime.precision}"
-            f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
-            f"{config.seq_length} tokens ({self.accumulation} micro-batches of {self.micro_batch})"
-        )
-        last_eval: dict[str, float] = {}
-        if not resumed and self.step < end:
-            last_eval = self._eval_and_log(tracker, progress=None)
-
-        progress = (
-            Progress(end, self.step, enabled=self.show_progress)
-            if self.world.is_main
-            else _Silent()
-        )
-        self.model.train()
-        train_loss: float | None = None
-        checkpoint: Path | None = None
-        window_start, window_tokens = time.perf_counter(), 0
-        signals = StopOnSignal(self.world, self.runtime.device, progress.write).install()
-        try:
-            while self.step < end:
-                loss, grad_norm = self._train_step(model)
-                self.step += 1
-                step_tokens = self.global_batch * config.seq_length
-                self.tokens += step_tokens
-                window_tokens += step_tokens
-                progress.advance()
-                stop = signals.requested()  # a signal: this step is the last, logged and saved
-                last_step = self.step == end or bool(stop)
-                logging = self.step % config.log_interval == 0 or self.step == 1 or last_step
-                evaluating = (
-                    self.step % config.eval_interval == 0 or self.step == config.train_iters
-                )
-                saving = config.save and (self.step % config.save_interval == 0 or last_step)
-                if logging or evaluating or saving:
-                    # The loop's only host sync: the time of this window then includes all the
-                    # GPU work queued before evaluation or checkpointing starts.
-                    self._check_health()
-                if logging:
-                    train_loss = float(loss)
-                    seconds = time.perf_counter() - window_start
-                    self.elapsed += seconds
-                    tokens_per_second = window_tokens / max(seconds, 1e-9)
-                    record = {
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "train/loss": train_loss,
-                        "train/lr": lr_at(self.step - 1, config),
-                        "train/grad_norm": float(grad_norm),
-                        "train/tokens_per_second": tokens_per_second,
-                        "train/skipped_steps": self.skipped_steps,
-                    }
-                    if peak:
-                        # tokens/s counts every rank's tokens: divide by all ranks' peak
-                        record["train/mfu"] = model_flops_utilization(
-                            flops_per_token, tokens_per_second, peak, self.world.world_size
-                        )
-                    tracker.log(record)
-                    progress.show(
-                        train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
-                    )
-                    window_start, window_tokens = time.perf_counter(), 0
-                pause_start = time.perf_counter()
-                if evaluating:
-                    last_eval = self._eval_and_log(tracker, progress)
-                if saving:
-                    checkpoint = self.save()
-                    progress.write(f"saved checkpoint {checkpoint}")
-                # Evaluation and checkpointing are not training time: keep them out of tokens/s.
-                window_start += time.perf_counter() - pause_start
-                if stop:
-                    self.stopped_by = signal.Signals(stop).name
-                    break
-        finally:
-            signals.restore()
-            progress.close()
-            summary = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "train/loss": train_loss,
-                "best_val_loss": self.best_val_loss,
-                "train_seconds": self.elapsed,
-            }
-            tracker.finish(summary, checkpoint)
-        finished = self.step >= config.train_iters
-        return TrainResult(
-            self.run_dir,
-            self.step,
-            train_loss,
-            self.best_val_loss,
-            last_eval,
-            finished,
-            self.stopped_by,
-        )
-
-    def _eval_and_log(self, tracker: Tracker, progress: Progress | None) -> dict[str, float]:
-        result = self.evaluate()
-        tracker.log(
-            {
-                "step": self.step,
-                "tokens": self.tokens,
-                "val/loss": result["loss"],
-                "val/ppl": result["ppl"],
-                "val/acc": result["acc"],
-                **{f"val/{name}": result[name] for name in CODE_METRICS if name in result},
-            }
-        )
-        write = progress.write if progress else self.log
-        write(
-            f"step {self.step}: val loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
-            f"acc {result['acc']:.3f}{format_code_metrics(result)}"
-        )
-        sample = self._sample()
-        if sample is not None:
-            tracker.log_sample(self.step, sample)
-            write(f"--- sample at step {self.step} ---\n{sample}\n---")
-        return result
 
 
 def train(config: Config, **kwargs: Any) -> TrainResult:
