@@ -254,3 +254,37 @@ def test_checker_reports_an_import_circle(tmp_path):
     )
     circle = import_circle(package_imports(package_dir))
     assert describe_circle(circle) == "import circle: model.py:1 -> sub/parts.py:2 -> model.py"
+
+
+MAX_FUNCTION_LINES = 60  # a function a reader takes in at once (issue 16)
+
+
+def long_functions(source: str, limit: int) -> list[tuple[str, int, int]]:
+    """(name, first line, length) of every function or method longer than `limit` lines."""
+    return [
+        (node.name, node.lineno, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_no_function_is_longer_than_a_screen():
+    too_long = [
+        f"{path.relative_to(PACKAGE_DIR)}:{line} {name} is {length} lines"
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        for name, line, length in long_functions(path.read_text(), MAX_FUNCTION_LINES)
+    ]
+    assert not too_long, f"split these (at most {MAX_FUNCTION_LINES} lines): {too_long}"
+
+
+def test_the_length_check_sees_methods_and_nested_functions():
+    def body(indent: str, lines: int = 60) -> str:
+        return "".join(f"{indent}x{i} = {i}\n" for i in range(lines))
+
+    source = (
+        f"class A:\n    def method(self):\n{body(' ' * 8)}\n"
+        f"def outer():\n    def inner():\n{body(' ' * 8)}\n"
+        f"def short():\n{body(' ' * 4, 59)}"  # 60 lines: the limit itself is allowed
+    )
+    assert sorted(name for name, _, _ in long_functions(source, 60)) == ["inner", "method", "outer"]
