@@ -22,6 +22,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -70,10 +71,13 @@ def world_from_environment() -> World:
         raise NeoxlabError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers: {err}") from None
 
 
-def init_world(device: torch.device) -> tuple[World, torch.device]:
+def init_world(device: torch.device, timeout: timedelta) -> tuple[World, torch.device]:
     """Join the process group when started by torchrun; returns the world and this rank's device.
 
-    Each rank of a node drives the GPU numbered by its LOCAL_RANK.
+    Each rank of a node drives the GPU numbered by its LOCAL_RANK. `timeout` bounds every
+    collective: a rank whose peer stops answering without closing its connections (a node
+    that lost power or network, a frozen process) fails after it instead of waiting forever.
+    A peer that dies on a reachable host is noticed at once (its connections close).
     """
     world = world_from_environment()
     if not world.distributed:
@@ -90,7 +94,7 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     elif device.type != "cpu":
         raise NeoxlabError(f"distributed training runs on cuda or cpu, not {device.type}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return world, device
 
 

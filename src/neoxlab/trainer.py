@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import signal
 import time
@@ -154,7 +155,8 @@ def _runtime_and_world(
             "supports on one GPU only",
             hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
         )
-    world, device = distributed.init_world(runtime.device)
+    timeout = datetime.timedelta(seconds=config.distributed_timeout)
+    world, device = distributed.init_world(runtime.device, timeout)
     return dataclasses.replace(runtime, device=device), world
 
 
