@@ -179,6 +179,23 @@ def broadcast_from_main(value: Any, world: World) -> Any:
     return holder[0]
 
 
+def decided_by_main(decide: Callable[[], Any], world: World) -> Any:
+    """What `decide()` returns on rank 0, on every rank (it runs on rank 0 alone). A
+    NeoxlabError it raises is raised on every rank, so that all stop with the same message."""
+    if not world.distributed:
+        return decide()
+    outcome = None
+    if world.is_main:
+        try:
+            outcome = ("value", decide())
+        except NeoxlabError as err:
+            outcome = ("error", err.message, err.hint)
+    outcome = broadcast_from_main(outcome, world)
+    if outcome[0] == "error":
+        raise NeoxlabError(outcome[1], hint=outcome[2])
+    return outcome[1]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

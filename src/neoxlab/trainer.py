@@ -254,6 +254,8 @@ class Trainer:
         self.health = StepHealth(self.runtime.device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         self.stopped_by: str | None = None
+        # Rank 0's choice of run wins (see _resume): under torchrun every rank is handed one.
+        resume = distributed.broadcast_from_main(resume, self.world)
         if resume is not None:
             self.run_dir = resume
             self._resume()
@@ -290,20 +292,10 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        root = checkpoint_root(self.config, self.run_dir)
-        checkpoint = latest_checkpoint(root) if root else None
-        if checkpoint is None:
-            raise NeoxlabError(
-                f"run {self.run_dir} has no checkpoint to resume from",
-                hint="start a new run, or check the run's `save` folder",
-            )
-        state = read_state(checkpoint)
-        # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
-        if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
-            raise NeoxlabError(
-                f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
-                hint="resume with the run's own data and tokenizer (leave vocab-file as it was)",
-            )
+        # Rank 0 alone picks the checkpoint and reads its state, and every rank takes both:
+        # another rank's view of a shared filesystem may lag (NFS caches directory listings),
+        # and ranks that started from different steps would train on different batches.
+        checkpoint, state = distributed.decided_by_main(self._checkpoint_to_resume, self.world)
         # Rank 0 reads the full state; load_full_state hands each rank its part.
         weights, training = {}, {}
         if self.world.is_main:
@@ -330,6 +322,24 @@ class Trainer:
                 f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
             )
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
+
+    def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]]:
+        """The run's newest complete checkpoint and its state; one trained with another
+        tokenizer, or none, is a NeoxlabError."""
+        root = checkpoint_root(self.config, self.run_dir)
+        checkpoint = latest_checkpoint(root) if root else None
+        if checkpoint is None:
+            raise NeoxlabError(
+                f"run {self.run_dir} has no checkpoint to resume from",
+                hint="start a new run, or check the run's `save` folder",
+            )
+        # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
+        if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
+            raise NeoxlabError(
+                f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
+                hint="resume with the run's own data and tokenizer (leave vocab-file as it was)",
+            )
+        return checkpoint, read_state(checkpoint)
 
     # ---- the loop -------------------------------------------------------------------------------
 
