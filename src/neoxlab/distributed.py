@@ -129,6 +129,10 @@ def build_sharded(
     weights = full.state_dict() if full is not None else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
+    # Rank 0 alone drew the initial weights from the RNG. Every rank continues from its state,
+    # as every rank of a DDP run does: so the one state a checkpoint keeps (rank 0's) resumes
+    # each rank exactly, dropout masks included.
+    torch.set_rng_state(broadcast_from_main(torch.get_rng_state(), world))
     return model
 
 
