@@ -92,11 +92,18 @@ def sample_text(
     return prompt + tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def build_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
+def build_model(
+    config: Config,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    train_device_type: str | None = None,
+) -> GPTNeoX:
+    """The model, built on `device` (meta when sharded), to train on `train_device_type` (None:
+    shapes or inference only); see model_config."""
     if config.init_from:
-        return init_model(config, tokenizer, device)
+        return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
-    return GPTNeoX(model_config(config, vocab)).to(device)
+    return GPTNeoX(model_config(config, vocab, train_device_type)).to(device)
 
 
 def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
@@ -270,10 +277,11 @@ class Trainer:
         return data
 
     def _build_model(self) -> GPTNeoX:
+        device = self.runtime.device
         if not self.sharded:
-            return build_model(self.config, self.data.tokenizer, self.runtime.device)
+            return build_model(self.config, self.data.tokenizer, device, device.type)
         return distributed.build_sharded(
-            lambda where: build_model(self.config, self.data.tokenizer, where),
+            lambda where: build_model(self.config, self.data.tokenizer, where, device.type),
             self.world,
             self.runtime.device,
             self.runtime.dtype,
