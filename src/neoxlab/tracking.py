@@ -118,11 +118,17 @@ def find_run(spec: str | Path, base: Path | None = None) -> Path:
     if str(spec) == "latest":
         runs = runs_under(base)
         if not runs:
-            raise NeoxlabError(f"no runs under {base} to resume", hint="train one first")
+            raise NeoxlabError(
+                f"no runs under {base} to resume",
+                hint="train one first, e.g. neoxlab train configs/shakespeare.yml",
+            )
         return max(runs, key=lambda run: (run / "config.yml").stat().st_mtime)
     path = Path(spec).expanduser()
     if not (path / "config.yml").is_file():
-        raise NeoxlabError(f"{path} is not a neoxlab run directory (no config.yml)")
+        raise NeoxlabError(
+            f"{path} is not a neoxlab run directory (no config.yml)",
+            hint=f"runs are the folders under {RUNS_DIR}/ (ls {RUNS_DIR}), or `latest`",
+        )
     return path.resolve()
 
 
