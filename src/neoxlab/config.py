@@ -1095,7 +1095,11 @@ def _canonical_optimizer(name: Any) -> str:
 def read_yaml(path: Path) -> Any:
     """safe_load a YAML file (never constructs Python objects), with clear errors."""
     if not path.is_file():
-        raise NeoxlabError(f"config file {path} does not exist")
+        raise NeoxlabError(
+            f"config file {path} does not exist",
+            hint="neoxlab's own configs are in configs/ (e.g. neoxlab train "
+            "configs/shakespeare.yml); command-line paths are relative to the current folder",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

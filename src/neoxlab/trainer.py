@@ -301,14 +301,16 @@ class Trainer:
         if checkpoint is None:
             raise NeoxlabError(
                 f"run {self.run_dir} has no checkpoint to resume from",
-                hint="start a new run, or check the run's `save` folder",
+                hint="start a new run (neoxlab train CONFIG, or --resume auto, which starts one "
+                "when there is nothing to resume), or check the run's `save` folder",
             )
         state = read_state(checkpoint)
         # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
         if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
             raise NeoxlabError(
                 f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
-                hint="resume with the run's own data and tokenizer (leave vocab-file as it was)",
+                hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
+                "or start a new run under another --name",
             )
         # Rank 0 reads the full state; load_full_state hands each rank its part.
         weights, training = {}, {}
