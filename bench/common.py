@@ -71,8 +71,16 @@ def describe_device(device: torch.device) -> str:
             f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, "
             f"CUDA {torch.version.cuda})"
         )
-    name = platform.processor() or platform.machine()
-    return f"CPU {name}, {os.cpu_count()} cores (torch {torch.__version__})"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def cpu_model() -> str:
+    """The processor's marketing name (Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def on_target_device(device: torch.device) -> bool:

@@ -25,6 +25,8 @@ SCRIPTS = {
     "generate": ([], "Generation with the KV cache", 8),
     "t4_path": ([], "T4 path: fp16 without flash attention", 2),
     "prepare_jsonl": ([], "Data preparation: `neoxlab prepare jsonl`", 2),
+    "prepare_ceiling": ([], "Data preparation: pipeline vs tokenizer ceiling, peak memory", 5),
+    "cpu_ratio": ([], "CPU: neoxlab vs transformers training step", 2),
 }
 
 

@@ -83,6 +83,21 @@ def test_generate_and_eval(tiny_overrides, capsys):
     assert "validation loss" in out and "perplexity" in out
 
 
+def test_eval_on_other_text_names_the_tokenizer_to_use(tiny_overrides, shared_data_dir, capsys):
+    from neoxlab.data.corpora import write_shakespeare_jsonl
+
+    run_dir = trained_run(tiny_overrides, capsys)
+    text = (shared_data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    other = write_shakespeare_jsonl(text[-60_000:], Path("other.jsonl"))
+    argv = ["eval", str(run_dir), f"data-path={other}", "--eval-iters", "2"]
+    assert main(argv) == 2  # a tokenizer trained on the other text is not the model's
+    err = capsys.readouterr().err
+    tokenizer = run_dir / "checkpoints" / "step_0000020" / "tokenizer.json"
+    assert "differs from the checkpoint's" in err and f"add vocab-file={tokenizer}" in err
+    assert main([*argv, f"vocab-file={tokenizer}"]) == 0  # the hint, followed
+    assert "validation loss" in capsys.readouterr().out
+
+
 def test_prompt_longer_than_context_is_exit_2(tiny_overrides, capsys):
     run_dir = trained_run(tiny_overrides, capsys)
     assert main(["generate", str(run_dir), "--prompt", "word " * 400]) == 2
@@ -91,21 +106,26 @@ def test_prompt_longer_than_context_is_exit_2(tiny_overrides, capsys):
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "next_step"),
     [
-        (["train", "missing.yml"], "does not exist"),
-        (["train"], "no config file"),
-        (["train", "hiden-size=3"], "unknown config key 'hiden-size'"),
-        (["generate", "nowhere"], "does not exist"),
-        (["eval", "."], "neither a neoxlab run"),
-        (["train", "--resume", "latest"], "no runs"),
-        (["frobnicate"], "invalid choice"),
+        (["train", "missing.yml"], "does not exist", "neoxlab train configs/shakespeare.yml"),
+        (["train"], "no config file", "neoxlab train configs/shakespeare.yml"),
+        (["train", "hiden-size=3"], "unknown config key 'hiden-size'", "'hidden-size'"),
+        (["generate", "nowhere"], "does not exist", "ls runs"),
+        (["eval", "."], "neither a neoxlab run", ""),
+        (["train", "--resume", "latest"], "no runs", "neoxlab train configs/shakespeare.yml"),
+        (["train", "--resume", "nowhere"], "not a neoxlab run directory", "ls runs"),
+        (["train", "data-path=data/python_stdlib.jsonl"], "does not exist", "neoxlab prepare"),
+        (["train", "data-path=data/c4_text_document"], "not found", "neoxlab prepare jsonl"),
+        (["train", "data-path=corpus.jsonl"], "does not exist", "line to the current folder"),
+        (["frobnicate"], "invalid choice", "neoxlab --help"),
     ],
 )
-def test_user_errors_are_one_line_exit_2(argv, message, capsys):
+def test_user_errors_are_one_line_exit_2(argv, message, next_step, capsys):
+    """One line, exit 2, and a hint that tells a newcomer what to type next."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err
+    assert message in err and next_step in err.partition("(hint: ")[2]
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 

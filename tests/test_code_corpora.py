@@ -334,27 +334,45 @@ def test_code_completion_config_holds_the_handed_out_values():
     assert Path(config.data_path) == REPO / "data" / "python_stdlib.jsonl"
 
 
+# The handed-out config sized for a seconds-long CPU run.
+CPU_SIZED = [
+    "hidden-size=32",
+    "num-layers=1",
+    "num-attention-heads=2",
+    "seq-length=16",
+    "vocab-size=300",
+    "train-iters=2",
+    "eval-interval=2",
+    "eval-iters=1",
+    "sample-tokens=0",
+    "device=cpu",
+    "save=false",
+]
+
+
 def test_handed_out_config_trains_on_prepared_code(tmp_path, capsys):
     """The verbatim config, plus a data path and CPU-sized overrides, trains and evaluates."""
     (tmp_path / "handed_out.yml").write_text(HANDED_OUT_CONFIG)
     report = prepare_code(write_tree(tmp_path / "src", many_modules(40)), tmp_path / "data")
-    overrides = [
-        f"data-path={report.out}",
-        "hidden-size=32",
-        "num-layers=1",
-        "num-attention-heads=2",
-        "seq-length=16",
-        "vocab-size=300",
-        "train-iters=2",
-        "eval-interval=2",
-        "eval-iters=1",
-        "sample-tokens=0",
-        "device=cpu",
-        "save=false",
-    ]
+    overrides = [f"data-path={report.out}", *CPU_SIZED]
     assert main(["train", str(tmp_path / "handed_out.yml"), *overrides, "--no-progress"]) == 0
     assert "step 2: val loss" in capsys.readouterr().out
     data = prepare_data(load_config([tmp_path / "handed_out.yml"], overrides))
     assert data.validation_texts == [
         r["text"] for r in records(Path(report.out)) if r["split"] == "validation"
     ]
+
+
+def test_handed_out_config_without_data_says_what_to_type(tmp_path, capsys):
+    """The verbatim config has no data-path: the error names the command that makes a corpus
+    and the key to set, and typing exactly those trains."""
+    (tmp_path / "handed_out.yml").write_text(HANDED_OUT_CONFIG)
+    assert main(["train", "handed_out.yml", *CPU_SIZED, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no data-path in the config" in err and err.count("\n") == 1
+    assert "`neoxlab prepare python-stdlib`" in err
+    assert "add data-path=data/python_stdlib.jsonl to the command" in err
+    assert main(["prepare", "python-stdlib", "--max-files", "40"]) == 0
+    argv = ["train", "handed_out.yml", "data-path=data/python_stdlib.jsonl", *CPU_SIZED]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "step 2: val loss" in capsys.readouterr().out

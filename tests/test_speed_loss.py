@@ -18,7 +18,7 @@ VOCAB = 96
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 7 rows of a 96-token vocabulary: several chunks and a ragged last one."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 7 * VOCAB)
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", {"other": 7 * VOCAB})
 
 
 def tiny_model(chunked: bool) -> GPTNeoX:
@@ -68,6 +68,26 @@ def test_model_loss_and_every_gradient_match_the_plain_path(small_chunks):
         assert torch.allclose(chunked_grads[name], grad, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize(
+    ("setting", "chunked"), [("auto", True), (None, True), ("false", False), (True, True)]
+)
+def test_the_chunked_loss_is_the_default_on_a_cpu(setting, chunked):
+    """auto (the default, None: no key) trains on a CPU with the chunked loss, where it
+    measured faster; false and true (a YAML boolean too) decide it either way."""
+    overrides = [] if setting is None else [f"chunked-cross-entropy={str(setting).lower()}"]
+    config = load_config([], overrides)
+    assert config.chunked_cross_entropy == (str(setting).lower() if setting else "auto")
+    torch.manual_seed(0)
+    model = GPTNeoX(model_config(config, VOCAB, train_device_type="cpu")).train()
+    inputs = torch.randint(0, VOCAB, (2, 16))
+    logits, _ = model(inputs, inputs)
+    assert (logits is None) == chunked
+    # auto stays off for a GPU until measured there, and for inference
+    expected_elsewhere = setting in ("true", True)
+    assert model_config(config, VOCAB, "cuda").chunked_cross_entropy == expected_elsewhere
+    assert model_config(config, VOCAB).chunked_cross_entropy == expected_elsewhere
+
+
 def test_without_gradients_the_chunked_model_returns_logits(small_chunks):
     model = tiny_model(True).eval()
     inputs = torch.randint(0, VOCAB, (2, 16))
@@ -112,7 +132,7 @@ def test_memory_estimate_counts_what_the_chunked_loss_saves():
         num_layers=2,
         num_attention_heads=4,
         seq_length=64,
-        chunked_cross_entropy=True,
+        chunked_cross_entropy="true",
     )
     vocab = 512
     measured, logits = saved_for_backward(GPTNeoX(model_config(config, vocab)).train(), vocab)
@@ -120,13 +140,13 @@ def test_memory_estimate_counts_what_the_chunked_loss_saves():
     estimate = activation_bytes(config, vocab, micro_batch=2, size=4)
     assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
     plain = activation_bytes(
-        Config(**{**config.__dict__, "chunked_cross_entropy": False}), vocab, 2, 4
+        Config(**{**config.__dict__, "chunked_cross_entropy": "false"}), vocab, 2, 4
     )
     assert estimate < plain
 
 
 def test_training_with_the_chunked_loss_gives_the_same_losses(tiny_overrides, monkeypatch):
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 40 * 384)  # several chunks a batch
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", {"other": 40 * 384})  # several chunks
     common = [*tiny_overrides, "train-iters=4", "log-interval=1", "sample-tokens=0", "save=false"]
     losses = []
     for chunked in ("false", "true"):

@@ -38,6 +38,7 @@ def wandb_home(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # W&B files in the run folder, unless set
     wandb.teardown()
     yield home
     wandb.teardown()
@@ -171,6 +172,28 @@ def test_resume_continues_the_same_wandb_run(tiny_overrides, wandb_home, tmp_pat
         m.endswith(f"wandb sync runs/{run_dir.name}/wandb/offline-run-*") for m in sync_lines
     )
     assert_key_never_written(tmp_path)
+
+
+def test_wandb_dir_when_set_holds_the_wandb_files(wandb_home, tmp_path, monkeypatch):
+    """WANDB_DIR (W&B's own convention; unset, the run directory holds them, as above) takes
+    every run's W&B files, and each run's upload hint names its own folders only."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "local"))
+    config = load_config([], ["use-wandb=true"])
+    for name in ("first", "second"):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        messages: list[str] = []
+        tracker = Tracker(run_dir, config=config, log=messages.append)
+        tracker.log({"step": 1, "tokens": 8, "train/loss": 1.0})
+        tracker.finish({"step": 1}, None)
+        assert not (run_dir / "wandb").exists()
+        pattern = f"local/wandb/offline-run-*-{tracker.wandb_run['id']}"
+        (said,) = messages
+        assert said.endswith(f"upload it later with: wandb sync {pattern}")
+        (folder,) = tmp_path.glob(pattern)
+        assert [h["train/loss"] for h in of_type(records(folder), "history")] == [1.0]
+    assert len(list((tmp_path / "local" / "wandb").glob("offline-run-*"))) == 2
 
 
 def fake_colab(monkeypatch, get) -> types.ModuleType:

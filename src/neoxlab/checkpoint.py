@@ -274,7 +274,11 @@ def resolve_checkpoint(path: Path) -> Path:
             )
         return checkpoint
     if not path.exists():
-        raise NeoxlabError(f"{path} does not exist")
+        raise NeoxlabError(
+            f"{path} does not exist",
+            hint="give a run (a folder under runs/: ls runs), a checkpoint or a Hugging Face "
+            "model folder",
+        )
     raise NeoxlabError(
         f"{path} is neither a neoxlab run directory, a checkpoint folder, "
         "nor a Hugging Face model folder (config.json)"

@@ -568,7 +568,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if data.tokenizer.to_str() != trained.tokenizer.to_str():
         raise NeoxlabError(
             f"the data's tokenizer {data.tokenizer_file} differs from the checkpoint's",
-            hint="evaluate with the data the model was trained on",
+            hint="tokenize it with the model's own: add "
+            f"vocab-file={trained.checkpoint / 'tokenizer.json'} (prepared .bin/.idx data must "
+            "have been made with that tokenizer)",
         )
     _, sampler = build_samplers(config, data)
     iters = args.eval_iters or config.eval_iters

@@ -72,6 +72,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 TOKENIZER_TYPES = ("bpe", "char", "hf")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
+# Switches whose default depends on the hardware: auto | true | false (YAML booleans accepted).
+AUTO_SWITCHES = ("compile", "chunked_cross_entropy")
 # torch.compile's modes; the two with CUDA graphs (reduce-overhead, max-autotune) are single-GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weights")
@@ -141,11 +143,12 @@ class Config:
     checkpoint_activations: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory", "model")
     )
-    chunked_cross_entropy: bool = field(
-        default=False,
+    chunked_cross_entropy: str = field(
+        default="auto",
         metadata=_help(
             "training loss: output layer + cross-entropy in row chunks, never all logits at "
-            "once (less memory for large vocabularies; same loss)",
+            "once (less memory for large vocabularies; same loss): auto (on a CPU, where it is "
+            "faster) | true | false",
             "model",
         ),
     )
@@ -585,7 +588,8 @@ class Config:
 
     def _check_runtime(self) -> None:
         _check_choice("device", self.device, DEVICES)
-        _check_choice("compile", self.compile, ("auto", "true", "false"))
+        for name in AUTO_SWITCHES:
+            _check_choice(name, getattr(self, name), ("auto", "true", "false"))
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
         if not 0 < self.distributed_timeout <= MAX_DISTRIBUTED_TIMEOUT:  # NaN fails too
@@ -1016,7 +1020,7 @@ def _to_int(value: Any) -> int | None:
 
 
 def _to_str(name: str, value: Any) -> str | None:
-    if name == "compile" and isinstance(value, bool):
+    if name in AUTO_SWITCHES and isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
@@ -1106,7 +1110,11 @@ def _canonical_optimizer(name: Any) -> str:
 def read_yaml(path: Path) -> Any:
     """safe_load a YAML file (never constructs Python objects), with clear errors."""
     if not path.is_file():
-        raise NeoxlabError(f"config file {path} does not exist")
+        raise NeoxlabError(
+            f"config file {path} does not exist",
+            hint="neoxlab's own configs are in configs/ (e.g. neoxlab train "
+            "configs/shakespeare.yml); command-line paths are relative to the current folder",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -1235,8 +1243,15 @@ def _format_default(value: Any) -> str:
     return str(value)
 
 
-def model_config(config: Config, vocab_size: int) -> ModelConfig:
-    """The network's shape from a config and the (already padded) vocabulary size."""
+def model_config(
+    config: Config, vocab_size: int, train_device_type: str | None = None
+) -> ModelConfig:
+    """The network's shape from a config and the (already padded) vocabulary size;
+    `train_device_type` is where it will train (None: inference), which decides
+    chunked-cross-entropy's auto: on a CPU, where it measured faster (bench/RESULTS.md)."""
+    chunked = {"true": True, "false": False}.get(
+        config.chunked_cross_entropy, train_device_type == "cpu"
+    )
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
@@ -1252,7 +1267,7 @@ def model_config(config: Config, vocab_size: int) -> ModelConfig:
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         checkpoint_activations=config.checkpoint_activations,
-        chunked_cross_entropy=config.chunked_cross_entropy,
+        chunked_cross_entropy=chunked,
     )
 
 

@@ -321,12 +321,18 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
     return updated
 
 
-def init_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
-    """The model of init-from (config already through apply_init_from) with its weights."""
+def init_model(
+    config: Config,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    train_device_type: str | None = None,
+) -> GPTNeoX:
+    """The model of init-from (config already through apply_init_from) with its weights, to
+    train on `train_device_type`."""
     assert config.init_from is not None
     source = model_source(Path(config.init_from))
     _check_vocab(tokenizer, source.vocab_rows, source.path)
-    model = GPTNeoX(model_config(config, source.vocab_rows))
+    model = GPTNeoX(model_config(config, source.vocab_rows, train_device_type))
     if device.type == "meta":
         return model.to(device)  # shapes only: a sharded run receives the weights from rank 0
     load_model_state(model, source.weights(), source.path)

@@ -187,7 +187,7 @@ def activation_bytes(config: Config, vocab: int, micro_batch: int, size: int) ->
         block += 2 * h
     once = r * h + size * h + (h if dropout else 0)
     head = 0  # bytes per micro-batch, whatever its size
-    if config.chunked_cross_entropy:
+    if config.chunked_cross_entropy == "true":  # auto: off on a GPU
         once += 4 * h
         head = 4 * vocab * h
     else:

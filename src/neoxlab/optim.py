@@ -85,14 +85,21 @@ def block_matrices(model: nn.Module) -> list[nn.Parameter]:
 # ---- optimizers --------------------------------------------------------------------------------
 
 
-def _on_cuda(model: nn.Module) -> bool:
-    return next(model.parameters()).is_cuda
+# Devices where torch's fused AdamW runs: one kernel per parameter instead of a dozen. On a CPU
+# the default (a loop of element-wise ops per parameter) took 50 ms per step for 5.8M
+# parameters where the fused kernel took 3 ms (bench/RESULTS.md, "CPU").
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _fused_adamw(model: nn.Module) -> bool | None:
+    """True where the fused kernel runs; None (torch's own choice) elsewhere."""
+    return next(model.parameters()).device.type in FUSED_ADAMW_DEVICES or None
 
 
 def _adamw(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     # gpt-neox's fused Adam decouples weight decay, so "Adam" with decay is AdamW behaviour.
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=_on_cuda(model) or None, **params)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=_fused_adamw(model), **params)
 
 
 def _sgd(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
@@ -129,7 +136,7 @@ def _muon(model: nn.Module, config: Hyperparameters, params: dict) -> MuonWithAd
     groups = parameter_groups(
         model, config.weight_decay, config.weight_decay_embeddings, exclude=matrices
     )
-    adamw = torch.optim.AdamW(groups, lr=config.lr, fused=_on_cuda(model) or None, **params)
+    adamw = torch.optim.AdamW(groups, lr=config.lr, fused=_fused_adamw(model), **params)
     return MuonWithAdamW(muon, adamw)
 
 

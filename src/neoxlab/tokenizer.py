@@ -102,7 +102,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         raise NeoxlabError(
             f"no tokenizer at {file}",
-            hint="give a tokenizer.json file or a directory containing one",
+            hint="give a tokenizer.json or a folder holding one: a run (runs/<run>) or a "
+            "downloaded model (huggingface-cli download EleutherAI/pythia-160m "
+            "--local-dir models/pythia-160m)",
         )
     try:
         content = file.read_bytes().decode("utf-8")

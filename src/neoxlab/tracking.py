@@ -118,11 +118,17 @@ def find_run(spec: str | Path, base: Path | None = None) -> Path:
     if str(spec) == "latest":
         runs = runs_under(base)
         if not runs:
-            raise NeoxlabError(f"no runs under {base} to resume", hint="train one first")
+            raise NeoxlabError(
+                f"no runs under {base} to resume",
+                hint="train one first, e.g. neoxlab train configs/shakespeare.yml",
+            )
         return max(runs, key=lambda run: (run / "config.yml").stat().st_mtime)
     path = Path(spec).expanduser()
     if not (path / "config.yml").is_file():
-        raise NeoxlabError(f"{path} is not a neoxlab run directory (no config.yml)")
+        raise NeoxlabError(
+            f"{path} is not a neoxlab run directory (no config.yml)",
+            hint=f"runs are the folders under {RUNS_DIR}/ (ls {RUNS_DIR}), or `latest`",
+        )
     return path.resolve()
 
 
@@ -438,7 +444,9 @@ def _wandb_init_arguments(
         "group": config.wandb_group,
         "tags": config.wandb_tags,
         "name": config.wandb_run_name or run_dir.name,
-        "dir": str(run_dir),
+        # W&B's own convention: WANDB_DIR, when set, says where its files go (a local disk, say,
+        # while the run directory lives on a bucket mount); otherwise beside the run's files.
+        "dir": None if os.environ.get("WANDB_DIR") else str(run_dir),
         "config": {**config.to_dict(), "run-info": info},
         # Offline runs cannot look the run up: the saved id is what continues it.
         "id": resumed["id"] if resumed else None,
@@ -468,11 +476,20 @@ def _start_wandb_run(
         run = wandb.init(mode="offline", **arguments)
         log(
             f"W&B: {reason}, so this run logs offline; upload it later with: "
-            f"wandb sync {_shown(run_dir)}/{WANDB_OFFLINE_GLOB}"
+            f"wandb sync {_offline_folders(run, run_dir)}"
         )
     else:
         log(f"W&B: logging to {run.url}")
     return run
+
+
+def _offline_folders(run: Any, run_dir: Path) -> str:
+    """The folders `wandb sync` uploads this run from: all of its parts (a resumed run adds
+    one) and no other run's, which share a WANDB_DIR but not a run directory."""
+    if not os.environ.get("WANDB_DIR"):
+        return f"{_shown(run_dir)}/{WANDB_OFFLINE_GLOB}"
+    wandb_folder = Path(run.dir).parents[1]  # run.dir is <folder>/offline-run-<time>-<id>/files
+    return f"{_shown(wandb_folder)}/offline-run-*-{run.id}"
 
 
 def _saved_samples(run_dir: Path, up_to: int | None) -> list[list[Any]]:

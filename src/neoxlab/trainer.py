@@ -93,11 +93,18 @@ def sample_text(
     return prompt + tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def build_model(config: Config, tokenizer: Tokenizer, device: torch.device) -> GPTNeoX:
+def build_model(
+    config: Config,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    train_device_type: str | None = None,
+) -> GPTNeoX:
+    """The model, built on `device` (meta when sharded), to train on `train_device_type` (None:
+    shapes or inference only); see model_config."""
     if config.init_from:
-        return init_model(config, tokenizer, device)
+        return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
-    return GPTNeoX(model_config(config, vocab)).to(device)
+    return GPTNeoX(model_config(config, vocab, train_device_type)).to(device)
 
 
 def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
@@ -274,10 +281,11 @@ class Trainer:
         return data
 
     def _build_model(self) -> GPTNeoX:
+        device = self.runtime.device
         if not self.sharded:
-            return build_model(self.config, self.data.tokenizer, self.runtime.device)
+            return build_model(self.config, self.data.tokenizer, device, device.type)
         return distributed.build_sharded(
-            lambda where: build_model(self.config, self.data.tokenizer, where),
+            lambda where: build_model(self.config, self.data.tokenizer, where, device.type),
             self.world,
             self.runtime.device,
             self.runtime.dtype,
@@ -331,13 +339,15 @@ class Trainer:
         if checkpoint is None:
             raise NeoxlabError(
                 f"run {self.run_dir} has no checkpoint to resume from",
-                hint="start a new run, or check the run's `save` folder",
+                hint="start a new run (neoxlab train CONFIG, or --resume auto, which starts one "
+                "when there is nothing to resume), or check the run's `save` folder",
             )
         # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
         if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
             raise NeoxlabError(
                 f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
-                hint="resume with the run's own data and tokenizer (leave vocab-file as it was)",
+                hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
+                "or start a new run under another --name",
             )
         return checkpoint, read_state(checkpoint)
 

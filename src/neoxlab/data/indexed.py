@@ -51,7 +51,10 @@ DTYPE_BY_CODE = {
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
 FLOAT_CODES = (6, 7)
 
-PREPARE_HINT = "prepare the data first, e.g. `neoxlab prepare ...`, or fix data-path"
+PREPARE_HINT = (
+    "make it with `neoxlab prepare jsonl FILES --tokenizer TOKENIZER.json --out PREFIX` "
+    "(data-path is then PREFIX_text_document), or fix data-path"
+)
 CORRUPT_HINT = "the file is damaged or was not written by gpt-neox/neoxlab: prepare it again"
 PAIR_ATTEMPTS = 3  # a pair replaced while it is opened is read again, up to this many times
 

@@ -7,8 +7,9 @@ sequence per document, token dtype by vocabulary size, `PREFIX_{key}_document.bi
 
 Memory stays flat whatever the corpus size: files are read line by line in ~1 MB chunks, at most
 two chunks per worker are in flight, and tokens go straight to the .bin (the writer keeps only the
-per-document sizes). Chunks are tokenized with `encode_batch` (Rust threads) in this process, or
-in worker processes, and written back in input order, so the output does not depend on --workers.
+per-document sizes). Chunks are tokenized with `encode_batch_fast` (Rust threads) in this
+process, or in worker processes, and written back in input order, so the output does not depend
+on --workers.
 """
 
 from __future__ import annotations
@@ -180,8 +181,10 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
             continue
         texts.append(text)
     eod_id = _worker["eod_id"]
-    # Default add_special_tokens, as gpt-neox's HFTokenizer.tokenize calls encode(text).
-    encodings = _worker["tokenizer"].encode_batch(texts) if texts else []
+    # Default add_special_tokens, as gpt-neox's HFTokenizer.tokenize calls encode(text). The
+    # _fast variant gives the same ids without tracking character offsets, which nothing here
+    # reads: 15-25% faster (bench/prepare_jsonl.py measures both).
+    encodings = _worker["tokenizer"].encode_batch_fast(texts) if texts else []
     end = [] if eod_id is None else [eod_id]
     ids = [[*encoding.ids, *end] for encoding in encodings]
     sizes = [len(document) for document in ids]

@@ -39,6 +39,7 @@ from neoxlab.data.chat import (
 )
 from neoxlab.data.corpora import (
     SPLITS,
+    STDLIB_STEM,
     Document,
     fetch_shakespeare,
     read_jsonl_documents,
@@ -74,13 +75,22 @@ class PreparedData:
     validation_texts: list[str] | None = None
 
 
+# What a newcomer types next: a corpus made offline and the key that names it (both paths are
+# what `neoxlab prepare python-stdlib` writes and `data-path=` reads, relative to the cwd).
+NO_DATA_PATH_HINT = (
+    "make a corpus with `neoxlab prepare python-stdlib` (offline Python code), then add "
+    f"data-path=data/{STDLIB_STEM}.jsonl to the command (or data-path=data/{SHAKESPEARE_JSONL}, "
+    "which neoxlab downloads by itself)"
+)
+
+
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
     if config.tokenizer_type == "hf" and not config.vocab_file:
         raise NeoxlabError("tokenizer-type hf needs vocab-file (a tokenizer.json)")
     if config.train_data_paths:
         return _open_blends(config)
     if not config.data_path:
-        raise NeoxlabError("no data-path in the config", hint="set data-path: FILE.jsonl")
+        raise NeoxlabError("no data-path in the config", hint=NO_DATA_PATH_HINT)
     if config.data_format == "chat":
         return _prepare_chat_data(config, log)
     path = Path(config.data_path)
@@ -102,6 +112,17 @@ def build_samplers(config: Config, data: PreparedData) -> tuple[Sampler, Sampler
 # ---- raw text sources ------------------------------------------------------------------------
 
 
+def _missing_source_hint(path: Path) -> str:
+    """The command that makes a missing corpus where neoxlab makes it, else how paths resolve."""
+    if path.name == f"{STDLIB_STEM}.jsonl":
+        out = "" if path.parent == Path.cwd() / "data" else f" --out {path.parent}"
+        return f"make it with `neoxlab prepare python-stdlib{out}`"
+    return (
+        "check the path: in a config file it is relative to the file's folder, on the command "
+        "line to the current folder"
+    )
+
+
 @dataclass
 class _TextCache:
     """A text source's tokenizer and the names of its tokenized splits."""
@@ -118,7 +139,7 @@ class _TextCache:
 def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None]) -> PreparedData:
     if not path.exists():
         if path.name != SHAKESPEARE_JSONL:
-            raise NeoxlabError(f"data-path {path} does not exist")
+            raise NeoxlabError(f"data-path {path} does not exist", hint=_missing_source_hint(path))
         log(f"preparing Tiny Shakespeare -> {path}")
         text = read_text(fetch_shakespeare())
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,12 +346,12 @@ def _chat_samplers(config: Config, data: PreparedData) -> tuple[ChatSampler, Cha
 
 
 def _open_prefix(config: Config, prefix: Path) -> PreparedData:
+    dataset = IndexedDataset(prefix)  # first: a mistyped prefix is "not found", not "prepared"
     if not config.vocab_file:
         raise NeoxlabError(
             f"data-path {prefix} is a prepared dataset, so the tokenizer cannot be trained from it",
             hint="set vocab-file to the tokenizer.json it was prepared with",
         )
-    dataset = IndexedDataset(prefix)
     tokenizer_file = Path(config.vocab_file)
     tokenizer = load_tokenizer(tokenizer_file)
     _check_token_ids(dataset, prefix, tokenizer, tokenizer_file)

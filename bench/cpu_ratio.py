@@ -1,0 +1,165 @@
+"""neoxlab's training step vs transformers' on the CPU, interleaved in one process.
+
+Two shapes: the README quickstart (configs/shakespeare.yml as `neoxlab train` runs it on a CPU:
+4 x 256, 4 layers, 5,000-token BPE padded to 5,120, batch 8 x 256 as 4 micro-batches of 2) and
+Pythia-14M (configs/pythia/14M.yml: 6 x 128, 4 heads, context 2048, 50,304 vocabulary rows,
+tanh GELU), here at a CPU-sized batch of 2 sequences of 2,048 tokens (2 micro-batches of 1).
+
+neoxlab is its real trainer step (`Trainer._train_step`: learning rate, batch sampling from the
+prepared .bin/.idx, accumulation, clipping, AdamW, the health record). transformers is
+GPTNeoXForCausalLM (SDPA attention) with torch.optim.AdamW, the same hyperparameters, the same
+micro-batches and clipping, on random batches made beforehand (no data loading: its best case).
+Both run in fp32 with the same torch thread count. Rounds alternate the order (A B, B A, ...) so
+that a machine getting busier or quieter shifts both alike; the table gives the median tokens/s
+over rounds, the spread (min-max), and the median of the per-round ratios.
+
+    python bench/cpu_ratio.py [--shapes quickstart pythia14m] [--rounds 7] [--steps 3] [--record]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import common
+import corpora
+import hf_baseline
+import torch
+import torch.nn.functional as F
+
+from neoxlab.config import Config
+from neoxlab.trainer import Trainer
+
+SHAPES = {
+    # name -> (config file, vocabulary of the random corpus, overrides for a CPU-sized batch)
+    "quickstart": (common.CONFIGS / "shakespeare.yml", 5000, []),
+    "pythia14m": (
+        common.CONFIGS / "pythia" / "14M.yml",
+        50277,
+        ["micro-batch-size=1", "global-batch-size=2"],
+    ),
+}
+HEADERS = [
+    "shape",
+    "tokens/step",
+    "threads",
+    "neoxlab tokens/s",
+    "spread",
+    "transformers tokens/s",
+    "spread",
+    "neoxlab / transformers",
+]
+
+
+def neoxlab_step(trainer: Trainer) -> Callable[[], None]:
+    def step() -> None:
+        trainer._train_step(trainer.model)
+        trainer.step += 1
+
+    return step
+
+
+def transformers_step(trainer: Trainer) -> Callable[[], None]:
+    """The same step in transformers: same shapes, micro-batches, optimizer and clipping."""
+    config: Config = trainer.config
+    torch.manual_seed(0)
+    model = hf_baseline.hf_model(trainer.model.config, torch.device("cpu")).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        betas=tuple(config.optimizer.get("params", {}).get("betas", (0.9, 0.999))),
+        weight_decay=config.weight_decay,
+    )
+    vocab, micro, accumulation = model.config.vocab_size, trainer.micro_batch, trainer.accumulation
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(
+        0, vocab, (accumulation, micro, config.seq_length + 1), generator=generator
+    )
+
+    def step() -> None:
+        for micro_batch in windows:
+            logits = model(input_ids=micro_batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.view(-1, vocab), micro_batch[:, 1:].reshape(-1))
+            (loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clipping or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def seconds_per_step(step: Callable[[], None], steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[object]:
+    config_file, vocab, batch = SHAPES[shape]
+    (folder / shape).mkdir()
+    corpus = corpora.synthetic_corpus(folder / shape, 300 if smoke else vocab, 200_000)
+    overrides = [*corpus, *batch, "device=cpu", "compile=false", "save=false", "train-iters=100000"]
+    config = common.neoxlab_config(
+        [config_file], [*overrides, *(common.SMOKE_MODEL if smoke else [])]
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(config, progress=False, log=common.quiet)
+    ours, theirs = neoxlab_step(trainer), transformers_step(trainer)
+    ours(), theirs()  # warm-up: allocator, oneDNN primitives
+    timings: dict[str, list[float]] = {"neoxlab": [], "transformers": []}
+    for round_index in range(rounds):
+        order = [("neoxlab", ours), ("transformers", theirs)]
+        for name, step in order if round_index % 2 == 0 else reversed(order):
+            timings[name].append(seconds_per_step(step, steps))
+    tokens = trainer.global_batch * config.seq_length
+    rates = {name: [tokens / s for s in seconds] for name, seconds in timings.items()}
+    ratios = [t / o for o, t in zip(timings["neoxlab"], timings["transformers"], strict=True)]
+
+    def spread(values: list[float]) -> str:
+        return f"{common.number(min(values))}-{common.number(max(values))}"
+
+    return [
+        shape,
+        f"{trainer.global_batch} x {config.seq_length}",
+        torch.get_num_threads(),
+        common.number(statistics.median(rates["neoxlab"])),
+        spread(rates["neoxlab"]),
+        common.number(statistics.median(rates["transformers"])),
+        spread(rates["transformers"]),
+        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[list[object]]:
+    parser = common.parser(__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    parser.add_argument("--rounds", type=int, default=7, help="A/B rounds (at least 5)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per turn")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps = 2, 1
+    with common.scratch() as folder:
+        rows = [
+            measure(shape, folder, args.rounds, args.steps, args.smoke) for shape in args.shapes
+        ]
+    device = torch.device("cpu")
+    print(f"training step on {common.describe_device(device)}, {args.rounds} rounds")
+    common.report(
+        args.record,
+        "CPU: neoxlab vs transformers training step",
+        HEADERS,
+        rows,
+        device,
+        __file__,
+        argv,
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
