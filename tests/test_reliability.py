@@ -226,6 +226,8 @@ def write(path: Path, content: str | bytes) -> Path:
         ("optimizer:\n  optimizer: []\n", "optimizer .* must be a mapping"),
         ("hidden-size: 4000000000\nnum-attention-heads: 1\n", "parameters, above the 1e\\+13"),
         ("num-layers: 100000\n", "num-layers 100000 is above 1024"),
+        ("distributed-timeout: 0\n", "distributed-timeout must be a number of seconds in"),
+        ("distributed-timeout: .nan\n", "distributed-timeout must be a number of seconds in"),
         ("vocab-file: ~nosuchuser/tokenizer.json\n", "cannot expand '~nosuchuser"),
         ("\x00\x01binary", "not valid YAML"),
     ],

@@ -8,14 +8,20 @@ NeoxlabError naming the path and the reason.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from neoxlab.errors import NeoxlabError
 
 TMP_MARKER = ".tmp-"
+# flock's answers on filesystems without locks (Lustre mounted without `flock`, some FUSE ones)
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def temporary_path(path: Path, purpose: str = "") -> Path:
@@ -78,3 +84,26 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (an empty file, created if missing) for the with-block,
+    so that processes building the same files take turns; `on_wait()` is called first when
+    another process holds it. The kernel releases a lock when its holder exits, however it
+    exits, so a killed holder leaves none behind; the empty file stays. Where the filesystem
+    has no locks, the block runs unlocked (each file is still written atomically)."""
+    try:
+        handle = open(path, "ab")  # noqa: SIM115 (closed below, which releases the lock)
+    except OSError as err:
+        raise write_error(path, err) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                raise
+        yield

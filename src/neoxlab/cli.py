@@ -420,7 +420,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         files = [str(resume / "config.yml")]
     config = load_config(files, overrides, notice=None if is_main else lambda _: None)
     if auto or (resume is None and config.load == "latest"):
-        resume = _resumable_run(config.run_name, is_main)
+        # Rank 0 alone searches; the trainer hands its choice to the other ranks.
+        resume = _resumable_run(config.run_name) if is_main else None
     elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
@@ -469,7 +470,7 @@ def _shell_quote(text: str) -> str:
     return f"$'{escaped}'"
 
 
-def _resumable_run(run_name: str | None, is_main: bool) -> Path | None:
+def _resumable_run(run_name: str | None) -> Path | None:
     """`--resume auto` (and gpt-neox's `load: latest`): the run under runs/ (named `run_name`,
     when set) holding the newest complete checkpoint; None, saying so, when there is none.
 
@@ -487,10 +488,9 @@ def _resumable_run(run_name: str | None, is_main: bool) -> Path | None:
         if checkpoint is not None:
             written.append(((checkpoint / "state.json").stat().st_mtime, run))
     if not written:
-        if is_main:
-            named = f" named {run_name}" if run_name else ""
-            message = f"note: no run{named} under {base} has a checkpoint: starting a new run"
-            print(message, file=sys.stderr)
+        named = f" named {run_name}" if run_name else ""
+        message = f"note: no run{named} under {base} has a checkpoint: starting a new run"
+        print(message, file=sys.stderr)
         return None
     return max(written)[1]  # the trainer says which checkpoint it resumes from
 

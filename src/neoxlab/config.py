@@ -81,6 +81,7 @@ DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weigh
 MAX_SCALE_POWER = 127  # fp16.initial_scale_power: 2 ** 128 overflows fp32
 MAX_LAYERS = 1024
 MAX_PARAMETERS = 10**13
+MAX_DISTRIBUTED_TIMEOUT = 7 * 24 * 3600  # a week: longer is a typo (and overflows timedelta)
 
 FP16_DEFAULTS = {
     "enabled": False,
@@ -324,6 +325,15 @@ class Config:
         default="auto",
         metadata=_help(
             "under torchrun: ddp | fsdp (FSDP2 sharding) | auto (fsdp when zero stage >= 1)",
+            "training",
+        ),
+    )
+    distributed_timeout: float = field(
+        default=1800,
+        metadata=_help(
+            "under torchrun: seconds a rank waits in a collective for the others before it "
+            "fails the job (a lost or frozen rank); above rank 0's longest lone step (data "
+            "preparation on first use, one checkpoint write)",
             "training",
         ),
     )
@@ -582,6 +592,11 @@ class Config:
             _check_choice(name, getattr(self, name), ("auto", "true", "false"))
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        if not 0 < self.distributed_timeout <= MAX_DISTRIBUTED_TIMEOUT:  # NaN fails too
+            raise NeoxlabError(
+                f"distributed-timeout must be a number of seconds in (0, "
+                f"{MAX_DISTRIBUTED_TIMEOUT}], got {self.distributed_timeout}"
+            )
         stage = self.zero_optimization.get("stage", 0)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")

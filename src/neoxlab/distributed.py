@@ -22,6 +22,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -70,10 +71,13 @@ def world_from_environment() -> World:
         raise NeoxlabError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers: {err}") from None
 
 
-def init_world(device: torch.device) -> tuple[World, torch.device]:
+def init_world(device: torch.device, timeout: timedelta) -> tuple[World, torch.device]:
     """Join the process group when started by torchrun; returns the world and this rank's device.
 
-    Each rank of a node drives the GPU numbered by its LOCAL_RANK.
+    Each rank of a node drives the GPU numbered by its LOCAL_RANK. `timeout` bounds every
+    collective: a rank whose peer stops answering without closing its connections (a node
+    that lost power or network, a frozen process) fails after it instead of waiting forever.
+    A peer that dies on a reachable host is noticed at once (its connections close).
     """
     world = world_from_environment()
     if not world.distributed:
@@ -90,7 +94,7 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     elif device.type != "cpu":
         raise NeoxlabError(f"distributed training runs on cuda or cpu, not {device.type}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return world, device
 
 
@@ -125,6 +129,10 @@ def build_sharded(
     weights = full.state_dict() if full is not None else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
+    # Rank 0 alone drew the initial weights from the RNG. Every rank continues from its state,
+    # as every rank of a DDP run does: so the one state a checkpoint keeps (rank 0's) resumes
+    # each rank exactly, dropout masks included.
+    torch.set_rng_state(broadcast_from_main(torch.get_rng_state(), world))
     return model
 
 
@@ -173,6 +181,23 @@ def broadcast_from_main(value: Any, world: World) -> Any:
     holder = [value if world.is_main else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def decided_by_main(decide: Callable[[], Any], world: World) -> Any:
+    """What `decide()` returns on rank 0, on every rank (it runs on rank 0 alone). A
+    NeoxlabError it raises is raised on every rank, so that all stop with the same message."""
+    if not world.distributed:
+        return decide()
+    outcome = None
+    if world.is_main:
+        try:
+            outcome = ("value", decide())
+        except NeoxlabError as err:
+            outcome = ("error", err.message, err.hint)
+    outcome = broadcast_from_main(outcome, world)
+    if outcome[0] == "error":
+        raise NeoxlabError(outcome[1], hint=outcome[2])
+    return outcome[1]
 
 
 def barrier(world: World) -> None:

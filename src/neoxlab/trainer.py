@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import signal
 import time
@@ -161,7 +162,8 @@ def _runtime_and_world(
             "supports on one GPU only",
             hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
         )
-    world, device = distributed.init_world(runtime.device)
+    timeout = datetime.timedelta(seconds=config.distributed_timeout)
+    world, device = distributed.init_world(runtime.device, timeout)
     return dataclasses.replace(runtime, device=device), world
 
 
@@ -259,6 +261,8 @@ class Trainer:
         self.health = StepHealth(self.runtime.device)
         self.wandb_run: dict[str, str] | None = None  # {id, project}: --resume continues it
         self.stopped_by: str | None = None
+        # Rank 0's choice of run wins (see _resume): under torchrun every rank is handed one.
+        resume = distributed.broadcast_from_main(resume, self.world)
         if resume is not None:
             self.run_dir = resume
             self._resume()
@@ -296,22 +300,10 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        root = checkpoint_root(self.config, self.run_dir)
-        checkpoint = latest_checkpoint(root) if root else None
-        if checkpoint is None:
-            raise NeoxlabError(
-                f"run {self.run_dir} has no checkpoint to resume from",
-                hint="start a new run (neoxlab train CONFIG, or --resume auto, which starts one "
-                "when there is nothing to resume), or check the run's `save` folder",
-            )
-        state = read_state(checkpoint)
-        # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
-        if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
-            raise NeoxlabError(
-                f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
-                hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
-                "or start a new run under another --name",
-            )
+        # Rank 0 alone picks the checkpoint and reads its state, and every rank takes both:
+        # another rank's view of a shared filesystem may lag (NFS caches directory listings),
+        # and ranks that started from different steps would train on different batches.
+        checkpoint, state = distributed.decided_by_main(self._checkpoint_to_resume, self.world)
         # Rank 0 reads the full state; load_full_state hands each rank its part.
         weights, training = {}, {}
         if self.world.is_main:
@@ -338,6 +330,26 @@ class Trainer:
                 f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
             )
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
+
+    def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]]:
+        """The run's newest complete checkpoint and its state; one trained with another
+        tokenizer, or none, is a NeoxlabError."""
+        root = checkpoint_root(self.config, self.run_dir)
+        checkpoint = latest_checkpoint(root) if root else None
+        if checkpoint is None:
+            raise NeoxlabError(
+                f"run {self.run_dir} has no checkpoint to resume from",
+                hint="start a new run (neoxlab train CONFIG, or --resume auto, which starts one "
+                "when there is nothing to resume), or check the run's `save` folder",
+            )
+        # Same shapes do not mean the same tokens: a tokenizer of equal size would train on.
+        if load_tokenizer(checkpoint).to_str() != self.data.tokenizer.to_str():
+            raise NeoxlabError(
+                f"{checkpoint} was trained with another tokenizer than {self.data.tokenizer_file}",
+                hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
+                "or start a new run under another --name",
+            )
+        return checkpoint, read_state(checkpoint)
 
     # ---- the loop -------------------------------------------------------------------------------
 

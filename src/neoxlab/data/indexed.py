@@ -21,10 +21,12 @@ import contextlib
 import operator
 import os
 import struct
+import time
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +56,7 @@ PREPARE_HINT = (
     "(data-path is then PREFIX_text_document), or fix data-path"
 )
 CORRUPT_HINT = "the file is damaged or was not written by gpt-neox/neoxlab: prepare it again"
+PAIR_ATTEMPTS = 3  # a pair replaced while it is opened is read again, up to this many times
 
 
 def best_dtype(vocab_size: int) -> np.dtype:
@@ -133,23 +136,28 @@ class IndexedDatasetWriter:
         if self._closed:
             return
         self._closed = True
+        failing = self.bin_path  # the file a failure is reported for
         try:
             # fsync before the renames: after a power cut the new names never point at data
             # that did not reach the disk.
             self._bin_file.flush()
             os.fsync(self._bin_file.fileno())
             self._bin_file.close()
+            failing = self.idx_path
             with open(self._idx_temporary, "wb") as index:
                 index.write(self._index_bytes())
                 index.flush()
                 os.fsync(index.fileno())
-            # Two renames are not one atomic step: a crash between them pairs the new .bin with
-            # the old (or no) .idx, which the reader refuses unless their sizes agree.
+            # Two renames are not one atomic step, and the .idx is what a reader opens first:
+            # take the old one away before the new .bin goes in, so that whatever stops this
+            # process (a kill, a failed rename), the .idx in place, if any, is the one written
+            # for the .bin in place, never an old .idx beside a new .bin.
+            self.idx_path.unlink(missing_ok=True)
             os.replace(self._bin_temporary, self.bin_path)
             os.replace(self._idx_temporary, self.idx_path)
         except OSError as err:
             self.discard()
-            raise write_error(self.bin_path, err) from None
+            raise write_error(failing, err) from None
 
     def discard(self) -> None:
         """Abandon the write: delete the temporaries, keep whatever was in place before."""
@@ -196,7 +204,11 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Read PREFIX.bin / PREFIX.idx through np.memmap; every inconsistency is a NeoxlabError."""
+    """Read PREFIX.bin / PREFIX.idx through np.memmap; every inconsistency is a NeoxlabError.
+
+    A writer replaces a pair as IndexedDatasetWriter does (old .idx removed, new .bin, new
+    .idx), so the pair a reader opened is a matching one when the .idx it read is still the
+    one in place once both files are open; otherwise it reads the new pair."""
 
     def __init__(self, prefix: str | Path) -> None:
         self.idx_path = idx_path(prefix)
@@ -204,10 +216,33 @@ class IndexedDataset:
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
                 raise NeoxlabError(f"indexed dataset file not found: {path}", hint=PREPARE_HINT)
-        self._dtype, self._sizes, self._pointers, self._doc_idx = _read_index(self.idx_path)
+        for attempt in range(PAIR_ATTEMPTS):
+            if self._open_pair():
+                return
+            time.sleep(0.01 * (attempt + 1))
+        raise NeoxlabError(
+            f"{self.idx_path} and {self.bin_path.name} were replaced while they were read",
+            hint="another process is writing them: let it finish, then start again",
+        )
+
+    def _open_pair(self) -> bool:
+        """Map the .idx, then the .bin; False when a writer replaced the pair meanwhile."""
+        try:
+            with open(self.idx_path, "rb") as index, open(self.bin_path, "rb") as tokens:
+                self._dtype, self._sizes, self._pointers, self._doc_idx = _read_index(
+                    index, self.idx_path
+                )
+                if not _still_in_place(index, self.idx_path):
+                    return False
+                self._tokens = self._map_tokens(tokens)
+        except FileNotFoundError:  # between a writer's removal of the .idx and its rename
+            return False
+        return True
+
+    def _map_tokens(self, tokens: BinaryIO) -> np.ndarray:
         _check_sequences(self.idx_path, self._dtype, self._sizes, self._pointers, self._doc_idx)
         expected_bytes = int(self._sizes.sum(dtype=np.int64)) * self._dtype.itemsize
-        actual_bytes = self.bin_path.stat().st_size
+        actual_bytes = os.fstat(tokens.fileno()).st_size
         if actual_bytes != expected_bytes:
             raise NeoxlabError(
                 f"{self.bin_path} has {actual_bytes} bytes but its index {self.idx_path.name} "
@@ -215,11 +250,9 @@ class IndexedDataset:
                 hint=CORRUPT_HINT,
             )
         # np.memmap cannot map an empty file; an empty dataset is a valid (if useless) one.
-        self._tokens = (
-            np.memmap(self.bin_path, dtype=self._dtype, mode="r")
-            if actual_bytes
-            else np.zeros(0, dtype=self._dtype)
-        )
+        if not actual_bytes:
+            return np.zeros(0, dtype=self._dtype)
+        return np.memmap(tokens, dtype=self._dtype, mode="r")
 
     @property
     def dtype(self) -> np.dtype:
@@ -259,9 +292,18 @@ class IndexedDataset:
         return self._tokens[start : start + int(self._sizes[position])]
 
 
-def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    with open(path, "rb") as file:
-        header = file.read(HEADER.size)
+def _still_in_place(opened: BinaryIO, path: Path) -> bool:
+    """`path` still names the file `opened` was opened from (not replaced, not removed)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    then = os.fstat(opened.fileno())
+    return (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino)
+
+
+def _read_index(file: BinaryIO, path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    header = file.read(HEADER.size)
     if header[: len(MAGIC)] != MAGIC:
         raise NeoxlabError(
             f"{path} is not a GPT-NeoX mmap index (it does not start with {MAGIC!r})",
@@ -289,7 +331,7 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarra
     # Checked before touching the arrays, in Python integers: a garbage header can claim
     # 2**64 sequences, which must not turn into an allocation or an overflow.
     expected = HEADER.size + count * (4 + 8) + doc_count * 8
-    actual = path.stat().st_size
+    actual = os.fstat(file.fileno()).st_size
     if actual < expected:
         raise NeoxlabError(
             f"{path} is truncated: its header announces {count} sequences and {doc_count} "
@@ -301,7 +343,7 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarra
             f"{path} has {actual - expected} bytes after the end of its index arrays",
             hint=CORRUPT_HINT,
         )
-    content = np.memmap(path, dtype=np.uint8, mode="r")
+    content = np.memmap(file, dtype=np.uint8, mode="r")
     sizes = np.frombuffer(content, dtype="<i4", count=count, offset=HEADER.size)
     pointers_offset = HEADER.size + 4 * count
     pointers = np.frombuffer(content, dtype="<i8", count=count, offset=pointers_offset)

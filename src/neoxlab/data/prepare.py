@@ -13,6 +13,7 @@ A missing `shakespeare.jsonl` is prepared automatically (Tiny Shakespeare).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from neoxlab.atomic import write_atomically
+from neoxlab.atomic import exclusive_lock, write_atomically
 from neoxlab.config import Config, parse_split
 from neoxlab.data.batches import VALIDATION_SEED, Sampler
 from neoxlab.data.blend import Blend, blend, make_sampler
@@ -45,7 +46,7 @@ from neoxlab.data.corpora import (
     split_counts,
     write_shakespeare_jsonl,
 )
-from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype
+from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtype, idx_path
 from neoxlab.errors import NeoxlabError
 from neoxlab.tokenizer import (
     SPECIAL_TOKENS,
@@ -122,6 +123,19 @@ def _missing_source_hint(path: Path) -> str:
     )
 
 
+@dataclass
+class _TextCache:
+    """A text source's tokenizer and the names of its tokenized splits."""
+
+    tokenizer_file: Path
+    tokenizer: Tokenizer
+    prefix: Path  # the splits are `<prefix>.<split>.bin/.idx`
+    splits: list[str]  # those with documents
+
+    def is_tokenized(self) -> bool:
+        return all(idx_path(f"{self.prefix}.{split}").exists() for split in self.splits)
+
+
 def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None]) -> PreparedData:
     if not path.exists():
         if path.name != SHAKESPEARE_JSONL:
@@ -129,39 +143,73 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         log(f"preparing Tiny Shakespeare -> {path}")
         text = read_text(fetch_shakespeare())
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_shakespeare_jsonl(text, path)
-    documents = _read_documents(path, config)
-    if not any(d.text for d in documents):
-        raise NeoxlabError(f"data file {path} holds only empty texts")
+        write_shakespeare_jsonl(text, path)  # atomic, and the same file whoever writes it
+    documents = _read_documents(path, config)  # a broken source stops here: nothing written
+    cache = _find_text_cache(config, path, documents)
+    if cache is None:
+        # Runs started together on a new corpus (a sweep's first trials, say) take turns: the
+        # first builds what is missing, the others wait, then find it built. So the corpus is
+        # tokenized once, with one tokenizer, and no two builders race on the same files.
+        lock = path.with_name(f"{path.name}.lock")
+        waiting = f"waiting for another process preparing {path.name} (it holds {lock.name})"
+        with exclusive_lock(lock, on_wait=functools.partial(log, waiting)):
+            cache = _find_text_cache(config, path, documents) or _build_text_cache(
+                config, path, documents, log
+            )
+    splits = {s: IndexedDataset(f"{cache.prefix}.{s}").tokens for s in cache.splits}
+    _check_validation(splits, path)
+    tokenizer = cache.tokenizer
+    summary = {
+        "source": str(path),
+        "tokenizer": str(cache.tokenizer_file),
+        "vocab_size": tokenizer.get_vocab_size(),
+        **{f"{s}_tokens": len(t) for s, t in splits.items()},
+    }
+    validation_texts = [d.text for d in documents if d.split == "validation"]
+    eod_id = token_id(tokenizer, config.eod_token)
+    return PreparedData(
+        splits, tokenizer, cache.tokenizer_file, eod_id, summary, validation_texts=validation_texts
+    )
+
+
+def _find_text_cache(config: Config, path: Path, documents: list[Document]) -> _TextCache | None:
+    """The source's tokenizer and tokenized splits, when all of them exist."""
+    tokenizer_file = _tokenizer_path(config, path)
+    if not tokenizer_file.exists():
+        return None
+    cache = _text_cache(config, path, documents, tokenizer_file)
+    return cache if cache.is_tokenized() else None
+
+
+def _build_text_cache(
+    config: Config, path: Path, documents: list[Document], log: Callable[[str], None]
+) -> _TextCache:
+    """Whatever of the tokenizer and the tokenized splits is missing."""
     tokenizer_file = _tokenizer_path(config, path)
     if not tokenizer_file.exists():
         _train_tokenizer(config, documents, tokenizer_file, log)
-    tokenizer = load_tokenizer(tokenizer_file)
-    eod_id = token_id(tokenizer, config.eod_token)
+    cache = _text_cache(config, path, documents, tokenizer_file)
+    if not cache.is_tokenized():
+        log(f"tokenizing {path.name} with {tokenizer_file.name} -> {cache.prefix.name}.*.bin/.idx")
+        eod_id = token_id(cache.tokenizer, config.eod_token)
+        _write_splits(cache.prefix, documents, cache.splits, cache.tokenizer, eod_id)
+    return cache
 
+
+def _text_cache(
+    config: Config, path: Path, documents: list[Document], tokenizer_file: Path
+) -> _TextCache:
+    """Where the splits of `path` tokenized with `tokenizer_file` are cached: named by a hash
+    of the tokenizer, the source and the options."""
+    tokenizer = load_tokenizer(tokenizer_file)
     digest = hashlib.sha256()
     digest.update(tokenizer_file.read_bytes())
     digest.update(_file_digest(path))
     options = {"split": config.split, "eod": config.eod_token, "format": 1}
     digest.update(json.dumps(options, sort_keys=True).encode())
     prefix = path.with_name(f"{path.stem}.{digest.hexdigest()[:8]}")
-
     present = [s for s in SPLITS if any(d.split == s for d in documents)]
-    if not all(Path(f"{prefix}.{s}.idx").exists() for s in present):
-        log(f"tokenizing {path.name} with {tokenizer_file.name} -> {prefix.name}.*.bin/.idx")
-        _write_splits(prefix, documents, present, tokenizer, eod_id)
-    splits = {s: IndexedDataset(f"{prefix}.{s}").tokens for s in present}
-    _check_validation(splits, path)
-    summary = {
-        "source": str(path),
-        "tokenizer": str(tokenizer_file),
-        "vocab_size": tokenizer.get_vocab_size(),
-        **{f"{s}_tokens": len(t) for s, t in splits.items()},
-    }
-    validation_texts = [d.text for d in documents if d.split == "validation"]
-    return PreparedData(
-        splits, tokenizer, tokenizer_file, eod_id, summary, validation_texts=validation_texts
-    )
+    return _TextCache(tokenizer_file, tokenizer, prefix, present)
 
 
 def _read_documents(path: Path, config: Config) -> list[Document]:
@@ -178,6 +226,8 @@ def _read_documents(path: Path, config: Config) -> list[Document]:
         spans = zip(SPLITS, itertools.pairwise(bounds), strict=True)
         return [Document(text[a:b], name) for name, (a, b) in spans if b > a]
     documents = read_jsonl_documents(path)
+    if not any(d.text for d in documents):
+        raise NeoxlabError(f"data file {path} holds only empty texts")
     if any(d.split is None for d in documents):
         documents = _assign_splits(documents, config.split)
     return documents
