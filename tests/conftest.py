@@ -60,6 +60,15 @@ def tiny_overrides(tiny_corpus) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def _matmul_precision():
+    """A test that builds a runtime changes torch's process-wide fp32 matmul precision (bf16
+    arithmetic on a CPU): later tests in the worker get torch's default back."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Every test runs in its own folder (runs/ lands there) with its own download cache."""
     monkeypatch.chdir(tmp_path)

@@ -186,8 +186,27 @@ def test_cuda_runtime_turns_tf32_on(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert (runtime.precision, runtime.compile, runtime.cuda_graphs) == ("bf16", True, True)
-    resolve_runtime("cpu", "auto", "auto")
-    assert torch.get_float32_matmul_precision() == before  # CPUs are left alone
+
+
+def test_cpu_runtime_lets_fp32_matmuls_use_bf16_arithmetic():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        runtime = resolve_runtime("cpu", "auto", "auto")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert runtime.precision == "fp32"  # the model and its optimizer stay fp32
+    # what the setting costs in accuracy (on a CPU without bf16 it is plain fp32)
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 256), torch.randn(256, 64)
+    exact = a.double() @ b.double()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        error = ((a @ b).double() - exact).abs().max().item()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert error < 1e-3  # bf16 inputs alone would be off by ~0.3
 
 
 def test_compile_mode_reaches_torch_compile(tiny_overrides, monkeypatch):

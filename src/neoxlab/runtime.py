@@ -1,4 +1,5 @@
-"""Hardware decisions: device, precision, torch.compile, TF32, and peak FLOP/s for MFU."""
+"""Hardware decisions: device, precision, torch.compile, fp32 matmul precision (TF32 on GPUs,
+bf16 arithmetic on CPUs that have it), and peak FLOP/s for MFU."""
 
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ def enable_tf32() -> None:
     torch.set_float32_matmul_precision("high")
 
 
+def enable_fast_cpu_matmuls() -> None:
+    """Let fp32 matmuls on the CPU use oneDNN's bf16 arithmetic where the CPU has it (AVX512-BF16,
+    AMX); elsewhere torch falls back to plain fp32, so it is safe to ask everywhere. Measured on
+    a 2-core AMD EPYC (Zen 4): 2.2x the fp32 matmul throughput, with a largest error within 3x
+    of IEEE fp32's (4.9e-5 against 3.4e-5 for a 256-long product of unit normals; bf16 inputs
+    err by 0.3), and 1.55x the quickstart's training steps (bench/RESULTS.md). The CPU's
+    counterpart of TF32: the model, its activations, gradients and optimizer stay fp32."""
+    torch.set_float32_matmul_precision("medium")
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,11 +100,13 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_runtime(
     device: str, precision: str, compile_setting: str, notice=print, compile_mode: str = "default"
 ) -> Runtime:
-    """`precision` is the config's request (auto | fp32 | fp16 | bf16). On CUDA this also turns
-    TF32 on for the process."""
+    """`precision` is the config's request (auto | fp32 | fp16 | bf16). For the process, this
+    also turns TF32 on for a CUDA device and bf16 matmul arithmetic for a CPU."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         enable_tf32()
+    elif dev.type == "cpu":
+        enable_fast_cpu_matmuls()
     if dev.type != "cuda":
         if precision in ("fp16", "bf16"):
             notice(f"note: {precision} requested but running on {dev.type}: training in fp32")
