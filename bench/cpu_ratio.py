@@ -6,12 +6,15 @@ Pythia-14M (configs/pythia/14M.yml: 6 x 128, 4 heads, context 2048, 50,304 vocab
 tanh GELU), here at a CPU-sized batch of 2 sequences of 2,048 tokens (2 micro-batches of 1).
 
 neoxlab is its real trainer step (`Trainer._train_step`: learning rate, batch sampling from the
-prepared .bin/.idx, accumulation, clipping, AdamW, the health record). transformers is
-GPTNeoXForCausalLM (SDPA attention) with torch.optim.AdamW, the same hyperparameters, the same
-micro-batches and clipping, on random batches made beforehand (no data loading: its best case).
-Both run in fp32 with the same torch thread count. Rounds alternate the order (A B, B A, ...) so
-that a machine getting busier or quieter shifts both alike; the table gives the median tokens/s
-over rounds, the spread (min-max), and the median of the per-round ratios.
+prepared .bin/.idx, accumulation, the chunked loss, clipping, fused AdamW, the health record)
+with the fp32 matmul precision its CPU runtime sets. transformers is GPTNeoXForCausalLM (SDPA
+attention) with torch.optim.AdamW, the same hyperparameters, micro-batches and clipping, on
+random batches made beforehand (no data loading: its best case), twice: as a user runs it
+(torch's defaults: IEEE fp32 matmuls, AdamW's per-parameter loop), and given neoxlab's two
+process settings (the same matmul precision, fused AdamW), which shows how much of the gap they
+are. All run in fp32 with the same torch thread count. Rounds alternate the order so that a
+machine getting busier or quieter shifts all alike; the table gives the median tokens/s over
+rounds, the spread (min-max), and the median of the per-round ratios to neoxlab.
 
     python bench/cpu_ratio.py [--shapes quickstart pythia14m] [--rounds 7] [--steps 3] [--record]
 """
@@ -47,23 +50,27 @@ HEADERS = [
     "shape",
     "tokens/step",
     "threads",
-    "neoxlab tokens/s",
-    "spread",
-    "transformers tokens/s",
-    "spread",
+    "neoxlab tokens/s (spread)",
+    "transformers tokens/s (spread)",
     "neoxlab / transformers",
+    "transformers + neoxlab's settings tokens/s (spread)",
+    "neoxlab / that",
 ]
+DEFAULT_MATMUL_PRECISION = "highest"  # torch's default for fp32 matmuls
 
 
 def neoxlab_step(trainer: Trainer) -> Callable[[], None]:
+    precision = torch.get_float32_matmul_precision()  # what the trainer's runtime set
+
     def step() -> None:
+        torch.set_float32_matmul_precision(precision)
         trainer._train_step(trainer.model)
         trainer.step += 1
 
     return step
 
 
-def transformers_step(trainer: Trainer) -> Callable[[], None]:
+def transformers_step(trainer: Trainer, matmul_precision: str, fused: bool) -> Callable[[], None]:
     """The same step in transformers: same shapes, micro-batches, optimizer and clipping."""
     config: Config = trainer.config
     torch.manual_seed(0)
@@ -73,6 +80,7 @@ def transformers_step(trainer: Trainer) -> Callable[[], None]:
         lr=config.lr,
         betas=tuple(config.optimizer.get("params", {}).get("betas", (0.9, 0.999))),
         weight_decay=config.weight_decay,
+        fused=fused or None,
     )
     vocab, micro, accumulation = model.config.vocab_size, trainer.micro_batch, trainer.accumulation
     generator = torch.Generator().manual_seed(0)
@@ -81,6 +89,7 @@ def transformers_step(trainer: Trainer) -> Callable[[], None]:
     )
 
     def step() -> None:
+        torch.set_float32_matmul_precision(matmul_precision)
         for micro_batch in windows:
             logits = model(input_ids=micro_batch[:, :-1]).logits
             loss = F.cross_entropy(logits.view(-1, vocab), micro_batch[:, 1:].reshape(-1))
@@ -109,29 +118,41 @@ def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[ob
     )
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(config, progress=False, log=common.quiet)
-    ours, theirs = neoxlab_step(trainer), transformers_step(trainer)
-    ours(), theirs()  # warm-up: allocator, oneDNN primitives
-    timings: dict[str, list[float]] = {"neoxlab": [], "transformers": []}
+    contenders = {
+        "neoxlab": neoxlab_step(trainer),
+        "transformers": transformers_step(trainer, DEFAULT_MATMUL_PRECISION, fused=False),
+        "transformers+settings": transformers_step(
+            trainer, torch.get_float32_matmul_precision(), fused=True
+        ),
+    }
+    for step in contenders.values():
+        step()  # warm-up: allocator, oneDNN primitives
+    timings: dict[str, list[float]] = {name: [] for name in contenders}
     for round_index in range(rounds):
-        order = [("neoxlab", ours), ("transformers", theirs)]
+        order = list(contenders.items())
         for name, step in order if round_index % 2 == 0 else reversed(order):
             timings[name].append(seconds_per_step(step, steps))
+    torch.set_float32_matmul_precision(DEFAULT_MATMUL_PRECISION)
     tokens = trainer.global_batch * config.seq_length
-    rates = {name: [tokens / s for s in seconds] for name, seconds in timings.items()}
-    ratios = [t / o for o, t in zip(timings["neoxlab"], timings["transformers"], strict=True)]
 
-    def spread(values: list[float]) -> str:
-        return f"{common.number(min(values))}-{common.number(max(values))}"
+    def rate(name: str) -> str:
+        rates = [tokens / seconds for seconds in timings[name]]
+        spread = f"{common.number(min(rates))}-{common.number(max(rates))}"
+        return f"{common.number(statistics.median(rates))} ({spread})"
+
+    def ratio(name: str) -> str:
+        ratios = [t / o for o, t in zip(timings["neoxlab"], timings[name], strict=True)]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
     return [
         shape,
         f"{trainer.global_batch} x {config.seq_length}",
         torch.get_num_threads(),
-        common.number(statistics.median(rates["neoxlab"])),
-        spread(rates["neoxlab"]),
-        common.number(statistics.median(rates["transformers"])),
-        spread(rates["transformers"]),
-        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+        rate("neoxlab"),
+        rate("transformers"),
+        ratio("transformers"),
+        rate("transformers+settings"),
+        ratio("transformers+settings"),
     ]
 
 
