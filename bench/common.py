@@ -101,7 +101,9 @@ def commit() -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{head}+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else head
+    # RESULTS.md itself changes with every recorded row: it says nothing about the code measured
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/RESULTS.md")
+    return f"{head}+uncommitted" if changed else head
 
 
 def command(script: str, argv: Sequence[str] | None) -> str:
