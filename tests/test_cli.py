@@ -1,5 +1,6 @@
 """The command line, in-process through cli.main (plus one real subprocess)."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,21 @@ def test_generate_and_eval(tiny_overrides, capsys):
     assert main(["eval", str(run_dir), "--eval-iters", "2"]) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "perplexity" in out
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(tiny_overrides, capsys):
+    """`neoxlab generate ... | head`: when the reader has gone, no traceback; SIGPIPE's status,
+    as the shell reports for `cat` in the same place."""
+    run_dir = trained_run(tiny_overrides, capsys)
+    command = [sys.executable, "-m", "neoxlab", "generate", str(run_dir), "--prompt", "ROMEO:"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first token is written
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGPIPE, err.decode()
+    assert err == b""
 
 
 def test_eval_on_other_text_names_the_tokenizer_to_use(tiny_overrides, shared_data_dir, capsys):

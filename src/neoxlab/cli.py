@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shlex
 import signal
 import sys
@@ -704,6 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`neoxlab generate ... | head`): stop quietly, as `cat` does.
+        # stdout goes to /dev/null first, or Python's flush at exit raises the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as err:
         # A full disk or a folder without write permission is the user's to fix, wherever it
         # strikes: one line, as for NeoxlabError. Anything else is a bug and keeps its traceback.
