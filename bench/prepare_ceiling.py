@@ -27,10 +27,8 @@ import common
 import prepare_jsonl
 from tokenizers import Tokenizer
 
-from neoxlab.data.corpora import fetch_shakespeare
 from neoxlab.data.jsonl import CHUNK_BYTES
 from neoxlab.data.jsonl import prepare_jsonl as run_pipeline
-from neoxlab.tokenizer import read_text, train_bpe
 
 HEADERS = ["measured", "input MB", "seconds", "MB/s", "of encode_batch's MB/s", "peak RSS MB"]
 
@@ -92,10 +90,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        tokenizer_file = args.tokenizer
-        if tokenizer_file is None:
-            tokenizer_file = folder / "tokenizer.json"
-            train_bpe([read_text(fetch_shakespeare())], vocab).save(str(tokenizer_file))
+        tokenizer_file = args.tokenizer or prepare_jsonl.shakespeare_tokenizer(folder, vocab)
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         source = generated(folder / "main", args.megabytes)
         megabytes = source.stat().st_size / 1e6

@@ -47,6 +47,13 @@ def generate(folder: Path, megabytes: float, seed: int = 0) -> list[Path]:
     return [plain, compressed]
 
 
+def shakespeare_tokenizer(folder: Path, vocab: int) -> Path:
+    """A byte-level BPE of `vocab` tokens trained on Tiny Shakespeare, saved in `folder`."""
+    tokenizer_file = folder / "tokenizer.json"
+    train_bpe([read_text(fetch_shakespeare())], vocab).save(str(tokenizer_file))
+    return tokenizer_file
+
+
 def main(argv: list[str] | None = None) -> list[list[object]]:
     parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=100)
@@ -59,11 +66,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        tokenizer_file = args.tokenizer
-        if tokenizer_file is None:
-            tokenizer_file = folder / "tokenizer.json"
-            text = read_text(fetch_shakespeare())
-            train_bpe([text], vocab).save(str(tokenizer_file))
+        tokenizer_file = args.tokenizer or shakespeare_tokenizer(folder, vocab)
         plain, compressed = generate(folder, args.megabytes)
         print(f"input: {plain.stat().st_size / 1e6:.1f} MB jsonl, {os.cpu_count()} CPU cores")
         for source in (plain, compressed):

@@ -257,16 +257,20 @@ def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "state.json").is_file()
 
 
+def run_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of run directory `run`, in the `save` folder its
+    config.yml names; None when it saves none or has none yet."""
+    saved = config_from_dict(read_yaml(run / "config.yml"))
+    return latest_checkpoint(run / saved.save) if saved.save else None
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder or Hugging Face folder, or a run directory (-> newest checkpoint)."""
     path = path.expanduser()
     if (path / "state.json").is_file() or is_hf_directory(path):
         return path
-    config_file = path / "config.yml"
-    if config_file.is_file():
-        saved = config_from_dict(read_yaml(config_file))
-        root = path / saved.save if saved.save else None
-        checkpoint = latest_checkpoint(root) if root else None
+    if (path / "config.yml").is_file():
+        checkpoint = run_checkpoint(path)
         if checkpoint is None:
             raise NeoxlabError(
                 f"run {path} has no checkpoint yet",

@@ -477,15 +477,13 @@ def _resumable_run(run_name: str | None) -> Path | None:
 
     The same command can so be rerun after any stop (a preempted cloud VM, a Slurm requeue,
     a torchrun restart) and continues where the last complete checkpoint left off."""
-    from neoxlab.checkpoint import latest_checkpoint
-    from neoxlab.config import config_from_dict, read_yaml
+    from neoxlab.checkpoint import run_checkpoint
     from neoxlab.tracking import RUNS_DIR, runs_under
 
     base = Path.cwd() / RUNS_DIR
     written = []  # (when its newest complete checkpoint was written, run)
     for run in runs_under(base, run_name):
-        saved = config_from_dict(read_yaml(run / "config.yml"))
-        checkpoint = latest_checkpoint(run / saved.save) if saved.save else None
+        checkpoint = run_checkpoint(run)
         if checkpoint is not None:
             written.append(((checkpoint / "state.json").stat().st_mtime, run))
     if not written:
@@ -498,15 +496,13 @@ def _resumable_run(run_name: str | None) -> Path | None:
 
 def _run_to_load(load: str, is_main: bool) -> Path | None:
     """gpt-neox's `load: RUN`: continue that run when it has a checkpoint, else start a new run."""
-    from neoxlab.checkpoint import latest_checkpoint
-    from neoxlab.config import config_from_dict, read_yaml
+    from neoxlab.checkpoint import run_checkpoint
     from neoxlab.tracking import find_run
 
     run = None
     if Path(load).expanduser().exists():
         run = find_run(load)
-        saved = config_from_dict(read_yaml(run / "config.yml"))
-        if not saved.save or latest_checkpoint(run / saved.save) is None:
+        if run_checkpoint(run) is None:
             run = None
     if run is None and is_main:
         print(f"note: load {load} has no checkpoint yet: starting a new run", file=sys.stderr)
