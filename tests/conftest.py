@@ -1,3 +1,4 @@
+import functools
 import os
 from pathlib import Path
 
@@ -12,16 +13,39 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# The repository is checked out beside shared/ (here and in CI); shared/data holds corpora
-# that tests read instead of downloading them.
-SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+@functools.cache
+def tiny_shakespeare_file() -> Path:
+    """Tiny Shakespeare found the way neoxlab finds it, in the environment pytest started in:
+    NEOXLAB_DATA_MIRROR when set, else the neoxlab cache, else the canonical download."""
+    from neoxlab.data.corpora import fetch_shakespeare
+    from neoxlab.errors import NeoxlabError
+
+    try:
+        return fetch_shakespeare()
+    except NeoxlabError as error:
+        pytest.exit(f"the tests need Tiny Shakespeare: {error}", returncode=2)
 
 
-@pytest.fixture
-def shared_data_dir() -> Path:
-    if not (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").is_file():
-        pytest.fail(f"shared test data missing: {SHARED_DATA_DIR}/tinyshakespeare/input.txt")
-    return SHARED_DATA_DIR
+def pytest_sessionstart(session):
+    # Fetched once here, before the workers start, so `-n 2` downloads it once, and a machine
+    # without the network or a mirror stops with one line instead of a hundred errors.
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        tiny_shakespeare_file()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_mirror(tmp_path_factory) -> Path:
+    """A mirror folder (tinyshakespeare/input.txt) for the tests: they never download."""
+    mirror = tmp_path_factory.mktemp("mirror")
+    (mirror / "tinyshakespeare").mkdir()
+    (mirror / "tinyshakespeare" / "input.txt").symlink_to(tiny_shakespeare_file())
+    return mirror
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return tiny_shakespeare_file().read_text(encoding="utf-8")
 
 
 TINY_MODEL = [
@@ -44,13 +68,12 @@ TINY_MODEL = [
 
 
 @pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> Path:
+def tiny_corpus(tmp_path_factory, shakespeare_text) -> Path:
     """The first 100k characters of Tiny Shakespeare as a split jsonl (fast to tokenize)."""
     from neoxlab.data.corpora import write_shakespeare_jsonl
 
-    text = (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     folder = tmp_path_factory.mktemp("corpus")
-    return write_shakespeare_jsonl(text[:100_000], folder / "tiny.jsonl")
+    return write_shakespeare_jsonl(shakespeare_text[:100_000], folder / "tiny.jsonl")
 
 
 @pytest.fixture
@@ -69,9 +92,13 @@ def _matmul_precision():
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Every test runs in its own folder (runs/ lands there) with its own download cache."""
+def _isolated(tmp_path, monkeypatch, shakespeare_mirror):
+    """Every test runs in its own folder (runs/ lands there) with its own download cache, the
+    test mirror, and W&B off, whatever the user's shell exports (WANDB_DIR, WANDB_PROJECT, ...):
+    a test that needs W&B sets its variables itself."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEOXLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("NEOXLAB_DATA_MIRROR", str(SHARED_DATA_DIR))
+    monkeypatch.setenv("NEOXLAB_DATA_MIRROR", str(shakespeare_mirror))
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -99,11 +99,11 @@ def test_generate_into_a_closed_pipe_stops_quietly(tiny_overrides, capsys):
     assert err == b""
 
 
-def test_eval_on_other_text_names_the_tokenizer_to_use(tiny_overrides, shared_data_dir, capsys):
+def test_eval_on_other_text_names_the_tokenizer_to_use(tiny_overrides, shakespeare_text, capsys):
     from neoxlab.data.corpora import write_shakespeare_jsonl
 
     run_dir = trained_run(tiny_overrides, capsys)
-    text = (shared_data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = shakespeare_text
     other = write_shakespeare_jsonl(text[-60_000:], Path("other.jsonl"))
     argv = ["eval", str(run_dir), f"data-path={other}", "--eval-iters", "2"]
     assert main(argv) == 2  # a tokenizer trained on the other text is not the model's
@@ -145,8 +145,10 @@ def test_user_errors_are_one_line_exit_2(argv, message, next_step, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_prepare_shakespeare_from_source_and_offline_error(tmp_path, monkeypatch, capsys):
-    source = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
+def test_prepare_shakespeare_from_source_and_offline_error(
+    tmp_path, monkeypatch, capsys, shakespeare_mirror
+):
+    source = shakespeare_mirror / "tinyshakespeare" / "input.txt"
     assert main(["prepare", "shakespeare", "--source", str(source), "--out", "d"]) == 0
     assert (tmp_path / "d" / "shakespeare.jsonl").is_file()
     monkeypatch.delenv("NEOXLAB_DATA_MIRROR")

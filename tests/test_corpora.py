@@ -29,11 +29,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
-@pytest.fixture
-def shakespeare_text(shared_data_dir):
-    return (shared_data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-
-
 def test_cache_dir_order(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("NEOXLAB_CACHE")
@@ -44,18 +39,18 @@ def test_cache_dir_order(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "home" / ".cache" / "neoxlab"
 
 
-def test_fetch_from_mirror_verifies_and_caches(shared_data_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv("NEOXLAB_DATA_MIRROR", str(shared_data_dir))
+def test_fetch_from_mirror_verifies_and_caches(shakespeare_mirror, monkeypatch, tmp_path):
+    monkeypatch.setenv("NEOXLAB_DATA_MIRROR", str(shakespeare_mirror))
     path = fetch_shakespeare()
     assert path == tmp_path / "cache" / "tinyshakespeare" / "input.txt"
-    assert path.read_bytes() == (shared_data_dir / "tinyshakespeare" / "input.txt").read_bytes()
+    assert path.read_bytes() == (shakespeare_mirror / "tinyshakespeare" / "input.txt").read_bytes()
     # Next time the verified cache serves it, with no mirror and no network.
     monkeypatch.delenv("NEOXLAB_DATA_MIRROR")
     assert fetch_shakespeare() == path
 
 
-def test_fetch_from_explicit_source(shared_data_dir, tmp_path):
-    source = shared_data_dir / "tinyshakespeare" / "input.txt"
+def test_fetch_from_explicit_source(shakespeare_mirror, tmp_path):
+    source = shakespeare_mirror / "tinyshakespeare" / "input.txt"
     path = fetch_shakespeare(str(source))
     assert path.parent.parent == tmp_path / "cache"
     assert path.read_bytes() == source.read_bytes()

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import tiny_shakespeare_file
 from safetensors.torch import load_file
 
 from neoxlab.checkpoint import list_checkpoints, load_training_state, read_state
@@ -166,7 +167,7 @@ def test_slurm_scripts_prepare_then_train(overrides, tmp_path):
 
     train_bpe(["To be, or not to be, that is the question " * 40], 300).save(str(data_tokenizer))
     corpus = tmp_path / "corpus.jsonl"
-    text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    text = tiny_shakespeare_file().read_text(encoding="utf-8")
     lines = [line for line in text[:60_000].split("\n\n") if line]
     corpus.write_text("".join(f'{{"text": {json.dumps(line)}}}\n' for line in lines))
 

@@ -153,8 +153,7 @@ def test_notebook_is_committed_clean(path):
 
 
 @pytest.mark.slow
-def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment, shared_data_dir):
-    monkeypatch.setenv("NEOXLAB_DATA_MIRROR", str(shared_data_dir))
+def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
     monkeypatch.setenv("WANDB_MODE", "offline")
     notebook, work = _execute(SHAKESPEARE, tmp_path, SHAKESPEARE_PARAMETERS)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA_DIR, TINY_MODEL
+from conftest import TINY_MODEL, tiny_shakespeare_file
 from test_reliability import unwritable
 
 from neoxlab import atomic
@@ -131,7 +131,7 @@ def test_two_runs_started_together_on_a_new_corpus_share_one_preparation(tmp_pat
     has no tokenizer and no .bin/.idx yet. Each would train a different tokenizer (see
     TRAIN_MIN_FREQUENCY). One of them builds both, the other waits on the source's lock and
     reads what it built: both train on the same tokens, and the same losses come out."""
-    text = (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = tiny_shakespeare_file().read_text(encoding="utf-8")
     corpus = write_shakespeare_jsonl(text[:200_000], tmp_path / "data" / "new.jsonl")
     (tmp_path / "start").mkdir()
     processes = {
@@ -178,7 +178,7 @@ def limited_file_size(limit: int):
 
 @pytest.fixture
 def tokenizer_file(tmp_path) -> Path:
-    text = (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = tiny_shakespeare_file().read_text(encoding="utf-8")
     path = tmp_path / "tokenizer.json"
     train_bpe([text[:20_000]], vocab_size=300).save(str(path))
     return path
@@ -202,7 +202,7 @@ def test_a_disk_that_fills_during_prepare_jsonl_leaves_the_previous_files(
     preparation, while the disk fills: in the .bin (long texts), or in the .idx once the .bin
     is complete (a great many short ones: their index is larger than their tokens). One line,
     exit 2, no temporaries, and the earlier .bin/.idx as they were."""
-    text = (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = tiny_shakespeare_file().read_text(encoding="utf-8")
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     out = tmp_path / "data"
     out.mkdir()
@@ -244,7 +244,7 @@ def test_a_kill_between_the_renames_of_a_pair_leaves_no_mismatched_pair(tokenize
     another order (as many tokens, so the sizes of the files agree) and is killed after its
     .bin is in place, before its .idx is. No reader may take the earlier .idx for the new .bin:
     their sizes agree, but the document boundaries are not those of these tokens."""
-    text = (SHARED_DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text = tiny_shakespeare_file().read_text(encoding="utf-8")
     paragraphs = [p for p in text.split("\n\n") if p.strip()][:50]
     out = tmp_path / "data"
     out.mkdir()
