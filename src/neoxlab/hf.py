@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from neoxlab import __version__
+from neoxlab.benchmark_results import latest_results, markdown_table
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
@@ -347,34 +349,15 @@ def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NeoxlabError(f"{out} already exists", hint="choose a new --out folder")
     trained = load_trained(path, torch.device("cpu"))
-    config = trained.config
-    eod_id = token_id(trained.tokenizer, config.eod_token)
-    pad_id = token_id(trained.tokenizer, config.pad_token)
     out = out.resolve()
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # written under a temporary name, renamed when complete
         tmp.mkdir(parents=True)
-        weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+        weights_file = str(tmp / "model.safetensors")
         # transformers refuses safetensors files without format metadata
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config = _hf_config(trained, eod_id, pad_id)
-        _write_json(tmp / "config.json", hf_config)
-        _write_json(
-            tmp / "generation_config.json",
-            {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
-        )
-        save_tokenizer(
-            trained.tokenizer,
-            tmp,
-            eod_token=config.eod_token,
-            pad_token=config.pad_token,
-            model_max_length=config.context_length,
-        )
-        tokenizer_config = _read_json(tmp / "tokenizer_config.json")
-        chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
-        tokenizer_config["chat_template"] = chat.template()
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        save_file(export_weights(trained), weights_file, metadata={"format": "pt"})
+        _write_config_and_tokenizer(trained, tmp)
         (tmp / "README.md").write_text(_model_card(trained, path), encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -385,6 +368,58 @@ def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
     log(f"exported {trained.checkpoint} -> {out}")
     return out
+
+
+def export_weights(trained: TrainedModel) -> dict[str, torch.Tensor]:
+    """The weights an export holds, by the names it writes (the model's own tensors)."""
+    return {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+
+
+def _write_config_and_tokenizer(trained: TrainedModel, folder: Path) -> None:
+    """What an export holds besides its weights and model card: config.json,
+    generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template)."""
+    config = trained.config
+    eod_id = token_id(trained.tokenizer, config.eod_token)
+    pad_id = token_id(trained.tokenizer, config.pad_token)
+    _write_json(folder / "config.json", _hf_config(trained, eod_id, pad_id))
+    _write_json(
+        folder / "generation_config.json",
+        {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
+    )
+    save_tokenizer(
+        trained.tokenizer,
+        folder,
+        eod_token=config.eod_token,
+        pad_token=config.pad_token,
+        model_max_length=config.context_length,
+    )
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+    tokenizer_config["chat_template"] = chat.template()
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+
+
+def transformers_model(
+    trained: TrainedModel, weights: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) as transformers loads `neoxlab export`'s folder of `trained`
+    (AutoConfig, AutoTokenizer, the class config.json names), built in memory: the export's
+    config and tokenizer files pass through a temporary folder, the weights do not. They are
+    `weights` (a sharded run's gathered copy) or the model's own tensors, shared, not copied.
+
+    Going through the export's files and transformers' own loading is what makes a tool that
+    takes a transformers model (lm-eval's HFLM) score exactly what it scores on the export."""
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="neoxlab-hf-") as folder:
+        _write_config_and_tokenizer(trained, Path(folder))
+        config = transformers.AutoConfig.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model_class = getattr(transformers, config.architectures[0])
+    weights = export_weights(trained) if weights is None else weights
+    model = model_class.from_pretrained(None, config=config, state_dict=weights)
+    model.config.name_or_path = str(trained.checkpoint)  # what lm-eval reports as the model
+    return model.eval(), tokenizer
 
 
 def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any]:
@@ -462,6 +497,7 @@ def _model_card(trained: TrainedModel, source: Path) -> str:
         MODEL_CARD_HEAD.format(name=source.name, version=__version__),
         *_training_facts(trained),
         *_final_metrics_table(trained),
+        *_benchmark_table(trained),
         *_chat_format_section(config),
         MODEL_CARD_USE.format(config_json=json.dumps(config.to_dict(), indent=2)),
     ]
@@ -494,6 +530,33 @@ def _final_metrics_table(trained: TrainedModel) -> list[str]:
         return []
     rows = [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
     return ["", "## Final metrics", "", "| metric | value |", "|---|---|", *rows]
+
+
+def _benchmark_table(trained: TrainedModel) -> list[str]:
+    """The run's latest lm-eval results at or before the checkpoint's step (neoxlab eval --tasks,
+    eval-tasks), as a table."""
+    step = trained.state.get("step")
+    run_dir = trained.checkpoint.parent.parent
+    latest = latest_results(run_dir, step) if step is not None else None
+    if latest is None:
+        return []
+    benchmark_step, results = latest
+    return [
+        "",
+        "## Benchmarks",
+        "",
+        f"lm-evaluation-harness {results.get('lm_eval_version', '')} at step "
+        f"{benchmark_step}, {_benchmark_setting(results)}:",
+        "",
+        *markdown_table(results),
+    ]
+
+
+def _benchmark_setting(results: dict[str, Any]) -> str:
+    shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
+    limit = results.get("config", {}).get("limit")
+    documents = "all documents" if limit is None else f"at most {limit:g} documents per task"
+    return f"{'/'.join(shots) or '0'}-shot, {documents}"
 
 
 def _chat_format_section(config: Config) -> list[str]:

@@ -125,7 +125,6 @@ UNUSED_KEYS = frozenset(
         "num_samples",
         "recompute",
         "eval_results_prefix",
-        "eval_tasks",
         "char_level_ppl",
     }
 )
