@@ -216,6 +216,24 @@ def test_init_from_conflicting_model_key_is_an_error(pythia):
         Trainer(config, progress=False, log=lambda _: None)
 
 
+def test_init_from_context_shorter_than_seq_length_names_the_context(pythia, capsys):
+    # chat_finetune.yml's seq-length 280 against a model of 128 positions: max-position-
+    # embeddings is init-from's to decide, so the error is about seq-length
+    assert main(["train", str(CHAT_CONFIG), f"init-from={pythia}", "device=cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "has a context of 128 tokens: seq-length 280 must be at most that" in error, error
+    assert "hint: set seq-length=128 or lower" in error and "max-position" not in error
+
+
+def test_missing_default_init_from_names_the_download_command_of_the_config(tmp_path, capsys):
+    (tmp_path / "configs").mkdir()
+    shutil.copy(CHAT_CONFIG, tmp_path / "configs")  # its init-from: ../models/pythia-160m
+    header = next(line for line in CHAT_CONFIG.read_text().splitlines() if "download" in line)
+    assert main(["train", "configs/chat_finetune.yml"]) == 2
+    error = capsys.readouterr().err
+    assert "init-from models/pythia-160m does not exist" in error, error
+    assert header.removeprefix("#").strip() in error
+
 # ---- the whole path: import, finetune on chat data, export, reload ---------------------------
 
 

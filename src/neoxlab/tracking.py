@@ -252,7 +252,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(clean, indent=2) + "\n")
 
 
-def _shown(path: Path) -> str:
+def display_path(path: Path) -> str:
     """`path` relative to the working directory when inside it (shorter commands to copy)."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
@@ -487,9 +487,9 @@ def _offline_folders(run: Any, run_dir: Path) -> str:
     """The folders `wandb sync` uploads this run from: all of its parts (a resumed run adds
     one) and no other run's, which share a WANDB_DIR but not a run directory."""
     if not os.environ.get("WANDB_DIR"):
-        return f"{_shown(run_dir)}/{WANDB_OFFLINE_GLOB}"
+        return f"{display_path(run_dir)}/{WANDB_OFFLINE_GLOB}"
     wandb_folder = Path(run.dir).parents[1]  # run.dir is <folder>/offline-run-<time>-<id>/files
-    return f"{_shown(wandb_folder)}/offline-run-*-{run.id}"
+    return f"{display_path(wandb_folder)}/offline-run-*-{run.id}"
 
 
 def _saved_samples(run_dir: Path, up_to: int | None) -> list[list[Any]]:
