@@ -234,6 +234,7 @@ def test_missing_default_init_from_names_the_download_command_of_the_config(tmp_
     assert "init-from models/pythia-160m does not exist" in error, error
     assert header.removeprefix("#").strip() in error
 
+
 # ---- the whole path: import, finetune on chat data, export, reload ---------------------------
 
 
