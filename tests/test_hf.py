@@ -7,8 +7,10 @@ way a downloaded Pythia is laid out.
 
 import io
 import json
+import os
 import pickle
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -238,7 +240,15 @@ def test_missing_default_init_from_names_the_download_command_of_the_config(tmp_
 # ---- the whole path: import, finetune on chat data, export, reload ---------------------------
 
 
-def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys):
+@pytest.fixture
+def umask_027():
+    """A umask that neither 0600 nor 0644 matches: files must get 0640, as open() gives them."""
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys, umask_027):
     config = load_config([CHAT_CONFIG], finetune_overrides(pythia))
     trainer = Trainer(config, progress=False, log=lambda _: None)
     # architecture and tokenizer came from the HF folder
@@ -288,6 +298,13 @@ def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys):
         "README.md",
     ):
         assert (out / name).is_file(), name
+    # the weights (safetensors writes them 0600) are readable by whom the umask allows
+    checkpoint = result.run_dir / "checkpoints" / "step_0000012"
+    for folder, other in ((checkpoint, "state.json"), (out, "config.json")):
+        modes = {
+            oct(stat.S_IMODE((folder / n).stat().st_mode)) for n in ("model.safetensors", other)
+        }
+        assert modes == {"0o640"}, folder
     exported = json.loads((out / "config.json").read_text())
     assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"]) == (
         0,

@@ -77,6 +77,25 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         raise write_error(path, err) from None
 
 
+def process_umask() -> int:
+    """This process's umask. Linux shows it in /proc; elsewhere it is read by setting it and
+    setting it back, which a thread creating a file at that instant could notice."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def give_default_permissions(path: Path) -> None:
+    """The mode `open()` gives a new file (0666 less the umask), for a file that a library wrote
+    through a private temporary: safetensors >= 0.8 does, and leaves its files 0600, readable by
+    no one else (safetensors issue #782), while every other file of a run is 0644."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename inside `directory` durable (a power cut must not undo it)."""
     descriptor = os.open(directory, os.O_RDONLY)

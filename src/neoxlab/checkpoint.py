@@ -29,6 +29,7 @@ from torch import nn
 
 from neoxlab.atomic import (
     fsync_directory,
+    give_default_permissions,
     is_temporary,
     remove_temporaries,
     temporary_path,
@@ -126,6 +127,7 @@ def save_checkpoint(
         state_dict = model if isinstance(model, Mapping) else model.state_dict()
         weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        give_default_permissions(tmp / "model.safetensors")
         _save_training_state(training_state, tmp / "optimizer.pt")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         # last, with the other files' sizes: what is_complete checks

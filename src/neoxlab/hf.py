@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from neoxlab import __version__
+from neoxlab.atomic import give_default_permissions
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
@@ -380,6 +381,7 @@ def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path
         weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
         # transformers refuses safetensors files without format metadata
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_default_permissions(tmp / "model.safetensors")
         hf_config = _hf_config(trained, eod_id, pad_id)
         _write_json(tmp / "config.json", hf_config)
         _write_json(
