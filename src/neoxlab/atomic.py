@@ -48,6 +48,34 @@ def remove_temporaries(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those it created, innermost first, for
+    `remove_empty_folders` after a failed write (which must not leave empty folders behind)."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of `folders` (innermost first) that are empty: a folder another process
+    wrote into meanwhile stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path) -> Iterator[Path]:
+    """`folder`, created with its parents for the with-block; those it created are removed
+    again, when still empty, if the block fails."""
+    created = make_folders(folder)
+    try:
+        yield folder
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
 def write_error(path: Path, err: Exception) -> NeoxlabError:
     """The one-line error for a failed write of `path` (an OSError, or a library's error that
     wraps one, as safetensors' "I/O error: No space left on device (os error 28)")."""

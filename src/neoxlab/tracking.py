@@ -124,6 +124,11 @@ def find_run(spec: str | Path, base: Path | None = None) -> Path:
             )
         return max(runs, key=lambda run: (run / "config.yml").stat().st_mtime)
     path = Path(spec).expanduser()
+    if not path.exists():
+        raise NeoxlabError(
+            f"run {path} does not exist",
+            hint=f"runs are the folders under {RUNS_DIR}/ (ls {RUNS_DIR}), or `latest`",
+        )
     if not (path / "config.yml").is_file():
         raise NeoxlabError(
             f"{path} is not a neoxlab run directory (no config.yml)",
