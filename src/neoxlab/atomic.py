@@ -2,8 +2,9 @@
 
 A process killed at any moment leaves the old file or the new one, never a mix; at worst a
 temporary `NAME.tmp-PID` stays behind, which no reader opens and the next write into a run's
-folder removes. A write that fails (disk full, no permission) removes its temporary and raises a
-NeoxlabError naming the path and the reason.
+folder, or the next build of the same data (under its lock), removes. A write that fails (disk
+full, no permission) removes its temporary and raises a NeoxlabError naming the path and the
+reason.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def is_temporary(path: Path) -> bool:
     return TMP_MARKER in path.name
 
 
-def remove_temporaries(folder: Path) -> None:
-    """Delete the temporaries that killed writes left in `folder` (a run's own folders: only
-    one process writes there, so any temporary found is an orphan)."""
+def remove_temporaries(folder: Path, owned: Callable[[str], bool] = lambda name: True) -> None:
+    """Delete the temporaries that killed writes left in `folder`: all of them (a run's own
+    folders: only one process writes there, so any temporary found is an orphan), or those of
+    the files whose final names `owned` accepts (what the holder of a build lock builds)."""
     if not folder.is_dir():
         return
     for path in folder.iterdir():
-        if not is_temporary(path):
+        if not is_temporary(path) or not owned(path.name.partition(TMP_MARKER)[0]):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -134,17 +136,19 @@ def fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+def exclusive_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[bool]:
     """Hold an exclusive lock on `path` (an empty file, created if missing) for the with-block,
     so that processes building the same files take turns; `on_wait()` is called first when
     another process holds it. The kernel releases a lock when its holder exits, however it
     exits, so a killed holder leaves none behind; the empty file stays. Where the filesystem
-    has no locks, the block runs unlocked (each file is still written atomically)."""
+    has no locks, the block runs unlocked (each file is still written atomically). The block
+    receives whether it holds the lock."""
     try:
         handle = open(path, "ab")  # noqa: SIM115 (closed below, which releases the lock)
     except OSError as err:
         raise write_error(path, err) from None
     with handle:
+        locked = True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,4 +157,5 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> It
         except OSError as err:
             if err.errno not in NO_LOCKS:
                 raise
-        yield
+            locked = False
+        yield locked
