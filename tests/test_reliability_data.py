@@ -330,6 +330,24 @@ def test_a_build_under_the_lock_deletes_what_killed_builds_left(tiny_corpus, tmp
     assert all(path.exists() for path in others)  # the source's own file, another corpus
 
 
+def test_configs_that_differ_only_in_special_tokens_train_their_own_tokenizers(
+    tiny_corpus, tmp_path
+):
+    corpus = tmp_path / "copy.jsonl"
+    corpus.write_bytes(tiny_corpus.read_bytes())
+    default = load_config([], [*TINY_MODEL, f"data-path={corpus}"])
+    extra = load_config([], [*TINY_MODEL, f"data-path={corpus}", SEPARATOR_TOKENS])
+    plain, separated = (prepare_data(c, log=lambda _: None) for c in (default, extra))
+    # the default keeps the name that caches and docs have (copy.bpe-300.tokenizer.json)
+    assert plain.tokenizer_file == tmp_path / "copy.bpe-300.tokenizer.json"
+    assert separated.tokenizer_file.name.startswith("copy.bpe-300-")
+    assert plain.tokenizer.token_to_id("<|sep|>") is None
+    assert separated.tokenizer.token_to_id("<|sep|>") == 2
+
+
+SEPARATOR_TOKENS = "special-tokens=[<|endoftext|>,<|padding|>,<|sep|>]"
+
+
 def test_preparing_on_a_filesystem_without_locks(tiny_corpus, tmp_path, monkeypatch):
     """Lustre mounted without `flock` answers ENOSYS: the source is prepared unlocked (each
     file still written atomically) instead of failing; and with no lock to tell a killed

@@ -255,11 +255,20 @@ def _assign_splits(documents: list[Document], split: str) -> list[Document]:
 
 
 def _tokenizer_path(config: Config, data: Path) -> Path:
+    """vocab-file, else `<stem>.bpe-<vocab-size>` or `<stem>.char` (.tokenizer.json) beside
+    the data, with 8 hex of the special tokens when they are not the default: configs that
+    differ there train different tokenizers and must not share one."""
     if config.vocab_file:
         return Path(config.vocab_file)
-    if config.tokenizer_type == "char":
-        return data.with_name(f"{data.stem}.char.tokenizer.json")
-    return data.with_name(f"{data.stem}.bpe-{config.vocab_size}.tokenizer.json")
+    kind = "char" if config.tokenizer_type == "char" else f"bpe-{config.vocab_size}"
+    specials = _special_tokens(config)
+    if specials != SPECIAL_TOKENS:
+        kind += "-" + hashlib.sha256(json.dumps(specials).encode()).hexdigest()[:8]
+    return data.with_name(f"{data.stem}.{kind}.tokenizer.json")
+
+
+def _special_tokens(config: Config) -> tuple[str, ...]:
+    return tuple(config.special_tokens or SPECIAL_TOKENS)
 
 
 def _train_tokenizer(
@@ -267,7 +276,7 @@ def _train_tokenizer(
 ) -> None:
     if config.tokenizer_type == "hf":
         raise NeoxlabError(f"vocab-file {out} does not exist", hint="point it at a tokenizer.json")
-    specials = tuple(config.special_tokens or SPECIAL_TOKENS)
+    specials = _special_tokens(config)
     train_texts = [d.text for d in documents if d.split == "train"]
     if config.tokenizer_type == "char":
         log(f"building a character tokenizer -> {out}")
