@@ -245,6 +245,15 @@ class Tracker:
         if self.wandb:
             self.wandb.finish(summary, checkpoint)
 
+    def abandon(self) -> None:
+        """The run failed (a peer process died, a crash): close the sinks and mark the W&B run
+        failed, but write no summary.json, which says that a run ended."""
+        self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.run.finish(exit_code=1)
+
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a run that has finished (or stopped early) at least once; else {}."""

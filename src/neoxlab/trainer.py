@@ -357,6 +357,7 @@ class Trainer:
         """Train from the current step to train-iters, or to the next exit-interval multiple."""
         loop = self._start()
         signals = StopOnSignal(self.world, self.runtime.device, loop.progress.write).install()
+        ended = False  # the loop came to an end (or stopped the run itself): a summary is due
         try:
             while self.step < loop.end:
                 loss, grad_norm = self._train_step(loop.model)
@@ -366,9 +367,17 @@ class Trainer:
                 if stop:
                     self.stopped_by = signal.Signals(stop).name
                     break
+            ended = True
+        except NeoxlabError:
+            ended = True  # diverged, or could not save: the run ends here, and says why
+            raise
+        except RuntimeError as error:
+            if distributed.is_peer_failure(error, self.world):
+                raise self._peer_failed(error) from None
+            raise
         finally:
             signals.restore()
-            self._finish(loop)
+            self._finish(loop, ended)
         return TrainResult(
             self.run_dir,
             self.step,
@@ -554,8 +563,19 @@ class Trainer:
             write(f"--- sample at step {self.step} ---\n{sample}\n---")
         return result
 
-    def _finish(self, loop: _LoopState) -> None:
+    def _peer_failed(self, error: RuntimeError) -> NeoxlabError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        return NeoxlabError(
+            f"another process of this job failed during step {self.step + 1} ({first_line})",
+            hint="its own error says why (torchrun names the failed rank); fix that, then "
+            f"continue from the last checkpoint: neoxlab train --resume {self.run_dir}",
+        )
+
+    def _finish(self, loop: _LoopState, ended: bool) -> None:
         loop.progress.close()
+        if not ended:
+            loop.tracker.abandon()
+            return
         summary = {
             "step": self.step,
             "tokens": self.tokens,
