@@ -603,23 +603,49 @@ def _parse_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and MFU (ETA from tqdm)."""
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and MFU (ETA from tqdm).
 
-    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+    Its postfix changes every step from values already on the host, so the bar never waits
+    for the GPU: the loss and MFU of the last logged step, the step's lr (a host-side
+    schedule), and tokens/s from tqdm's smoothed step rate, which is host wall time, until a
+    log step brings the measured one (evaluation and checkpoints left out, as logged). The
+    final state prints once, when the bar closes."""
+
+    def __init__(
+        self, total: int, initial: int, tokens_per_step: int, enabled: bool = True
+    ) -> None:
         self.bar = tqdm(
             total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
         )
+        self.tokens_per_step = tokens_per_step
+        self.postfix: dict[str, str] = {}
 
-    def advance(self) -> None:
-        self.bar.update(1)
+    def advance(self, lr: float) -> None:
+        """One optimizer step done, trained with `lr`."""
+        if self.bar.disable:
+            return
+        rate = self.bar.format_dict["rate"]  # steps/s, tqdm's moving average
+        self.postfix["lr"] = f"{lr:.2e}"
+        if rate:
+            self.postfix["tok_s"] = f"{rate * self.tokens_per_step:,.0f}"
+        self._set_postfix()
+        if self.bar.n + 1 < self.bar.total:
+            self.bar.update(1)  # redraws at most every 0.1 s (tqdm's mininterval)
+        else:
+            self.bar.n += 1  # the last step: shown once, by close()
 
-    def show(
-        self, loss: float, lr: float, tokens_per_second: float, mfu: float | None = None
-    ) -> None:
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_second:,.0f}"}
+    def logged(self, loss: float, tokens_per_second: float, mfu: float | None = None) -> None:
+        """The values of a log step (read from the device by that step's one sync)."""
+        self.postfix["loss"] = f"{loss:.4f}"
+        self.postfix["tok_s"] = f"{tokens_per_second:,.0f}"
         if mfu is not None:  # only where the GPU's peak is known
-            postfix["mfu"] = f"{mfu:.1%}"
-        self.bar.set_postfix(postfix)
+            self.postfix["mfu"] = f"{mfu:.1%}"
+        self._set_postfix()
+
+    def _set_postfix(self) -> None:
+        order = ("loss", "lr", "tok_s", "mfu")
+        shown = {key: self.postfix[key] for key in order if key in self.postfix}
+        self.bar.set_postfix(shown, refresh=False)
 
     def write(self, message: str) -> None:
         self.bar.write(message)

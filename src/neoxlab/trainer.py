@@ -408,8 +408,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if not resumed and self.step < end:
             last_eval = self._eval_and_log(tracker, progress=None)
+        tokens_per_step = self.global_batch * self.config.seq_length
         progress = (
-            Progress(end, self.step, enabled=self.show_progress)
+            Progress(end, self.step, tokens_per_step, enabled=self.show_progress)
             if self.world.is_main
             else _Silent()
         )
@@ -486,7 +487,7 @@ class Trainer:
         step_tokens = self.global_batch * self.config.seq_length
         self.tokens += step_tokens
         loop.window_tokens += step_tokens
-        loop.progress.advance()
+        loop.progress.advance(lr_at(self.step - 1, self.config))
 
     def _log_eval_save(
         self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
@@ -503,6 +504,8 @@ class Trainer:
             self._check_health()
         if logging:
             self._log_train(loop, loss, grad_norm)
+        if last:
+            loop.progress.close()  # the final bar prints once, above what the end writes
         pause_start = time.perf_counter()
         if evaluating:
             loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
@@ -533,9 +536,7 @@ class Trainer:
                 loop.flops_per_token, tokens_per_second, loop.peak_flops, self.world.world_size
             )
         loop.tracker.log(record)
-        loop.progress.show(
-            loop.train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
-        )
+        loop.progress.logged(loop.train_loss, tokens_per_second, record.get("train/mfu"))
         loop.window_start, loop.window_tokens = time.perf_counter(), 0
 
     def _eval_and_log(
