@@ -265,6 +265,7 @@ def _add_eval(commands: Any) -> None:
     )
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_no_progress(evaluate)
     evaluate.set_defaults(handler=_cmd_eval)
 
 
@@ -572,7 +573,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, sampler = build_samplers(config, data)
     iters = args.eval_iters or config.eval_iters
     batch_size = config.train_micro_batch_size_per_gpu
-    result = evaluate_run(trained.model, sampler, data, config, batch_size, runtime, iters=iters)
+    result = evaluate_run(
+        trained.model,
+        sampler,
+        data,
+        config,
+        batch_size,
+        runtime,
+        iters=iters,
+        progress=not args.no_progress,
+    )
     step = trained.state["step"]
     print(f"checkpoint: {trained.checkpoint}" + (f" (step {step})" if step is not None else ""))
     print(
