@@ -308,7 +308,9 @@ def _add_compare(commands: Any) -> None:
         help="metric to plot, e.g. val/loss, train/loss (repeatable; default val/loss)",
     )
     compare.add_argument(
-        "--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)"
+        "--out",
+        type=Path,
+        help="PNG to write (default comparisons/compare-<yymmdd-HHMMSS>.png, git-ignored)",
     )
     compare.add_argument(
         "--from-step",
@@ -544,12 +546,13 @@ def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from neoxlab.compare import compare
-    from neoxlab.tracking import find_run
+    from neoxlab.compare import compare, default_out
+    from neoxlab.tracking import display_path, find_run
 
     runs = [find_run(spec) for spec in args.runs]
-    print(compare(runs, args.metrics or ["val/loss"], args.out, from_step=args.from_step))
-    print(f"\nwrote {args.out}")
+    out = args.out or default_out()
+    print(compare(runs, args.metrics or ["val/loss"], out, from_step=args.from_step))
+    print(f"\nwrote {display_path(out)}")
     return 0
 
 
