@@ -103,7 +103,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise NeoxlabError(
             f"no tokenizer at {file}",
             hint="give a tokenizer.json or a folder holding one: a run (runs/<run>) or a "
-            "downloaded model (huggingface-cli download EleutherAI/pythia-160m "
+            "downloaded model (hf download EleutherAI/pythia-160m "
             "--local-dir models/pythia-160m)",
         )
     try:

@@ -357,6 +357,7 @@ class Trainer:
         """Train from the current step to train-iters, or to the next exit-interval multiple."""
         loop = self._start()
         signals = StopOnSignal(self.world, self.runtime.device, loop.progress.write).install()
+        ended = False  # the loop came to an end (or stopped the run itself): a summary is due
         try:
             while self.step < loop.end:
                 loss, grad_norm = self._train_step(loop.model)
@@ -366,9 +367,17 @@ class Trainer:
                 if stop:
                     self.stopped_by = signal.Signals(stop).name
                     break
+            ended = True
+        except NeoxlabError:
+            ended = True  # diverged, or could not save: the run ends here, and says why
+            raise
+        except RuntimeError as error:
+            if distributed.is_peer_failure(error, self.world):
+                raise self._peer_failed(error) from None
+            raise
         finally:
             signals.restore()
-            self._finish(loop)
+            self._finish(loop, ended)
         return TrainResult(
             self.run_dir,
             self.step,
@@ -399,8 +408,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if not resumed and self.step < end:
             last_eval = self._eval_and_log(tracker, progress=None)
+        tokens_per_step = self.global_batch * self.config.seq_length
         progress = (
-            Progress(end, self.step, enabled=self.show_progress)
+            Progress(end, self.step, tokens_per_step, enabled=self.show_progress)
             if self.world.is_main
             else _Silent()
         )
@@ -477,7 +487,7 @@ class Trainer:
         step_tokens = self.global_batch * self.config.seq_length
         self.tokens += step_tokens
         loop.window_tokens += step_tokens
-        loop.progress.advance()
+        loop.progress.advance(lr_at(self.step - 1, self.config))
 
     def _log_eval_save(
         self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
@@ -494,6 +504,8 @@ class Trainer:
             self._check_health()
         if logging:
             self._log_train(loop, loss, grad_norm)
+        if last:
+            loop.progress.close()  # the final bar prints once, above what the end writes
         pause_start = time.perf_counter()
         if evaluating:
             loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
@@ -524,9 +536,7 @@ class Trainer:
                 loop.flops_per_token, tokens_per_second, loop.peak_flops, self.world.world_size
             )
         loop.tracker.log(record)
-        loop.progress.show(
-            loop.train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
-        )
+        loop.progress.logged(loop.train_loss, tokens_per_second, record.get("train/mfu"))
         loop.window_start, loop.window_tokens = time.perf_counter(), 0
 
     def _eval_and_log(
@@ -554,8 +564,19 @@ class Trainer:
             write(f"--- sample at step {self.step} ---\n{sample}\n---")
         return result
 
-    def _finish(self, loop: _LoopState) -> None:
+    def _peer_failed(self, error: RuntimeError) -> NeoxlabError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        return NeoxlabError(
+            f"another process of this job failed during step {self.step + 1} ({first_line})",
+            hint="its own error says why (torchrun names the failed rank); fix that, then "
+            f"continue from the last checkpoint: neoxlab train --resume {self.run_dir}",
+        )
+
+    def _finish(self, loop: _LoopState, ended: bool) -> None:
         loop.progress.close()
+        if not ended:
+            loop.tracker.abandon()
+            return
         summary = {
             "step": self.step,
             "tokens": self.tokens,

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from neoxlab.atomic import exclusive_lock, write_atomically
+from neoxlab.atomic import exclusive_lock, remove_temporaries, write_atomically
 from neoxlab.config import Config, parse_split
 from neoxlab.data.batches import VALIDATION_SEED, Sampler
 from neoxlab.data.blend import Blend, blend, make_sampler
@@ -152,7 +153,9 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         # tokenized once, with one tokenizer, and no two builders race on the same files.
         lock = path.with_name(f"{path.name}.lock")
         waiting = f"waiting for another process preparing {path.name} (it holds {lock.name})"
-        with exclusive_lock(lock, on_wait=functools.partial(log, waiting)):
+        with exclusive_lock(lock, on_wait=functools.partial(log, waiting)) as locked:
+            if locked:  # no other process builds these files now: temporaries are orphans
+                _remove_killed_builds(path, _tokenizer_path(config, path))
             cache = _find_text_cache(config, path, documents) or _build_text_cache(
                 config, path, documents, log
             )
@@ -170,6 +173,14 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
     return PreparedData(
         splits, tokenizer, cache.tokenizer_file, eod_id, summary, validation_texts=validation_texts
     )
+
+
+def _remove_killed_builds(path: Path, tokenizer_file: Path) -> None:
+    """Delete the temporaries a killed build of `path` left: of its tokenized splits
+    (`<stem>.<8 hex>.<split>.bin/.idx`, see _text_cache) and of its tokenizer."""
+    split_file = re.compile(rf"{re.escape(path.stem)}\.[0-9a-f]{{8}}\.\w+\.(bin|idx)")
+    remove_temporaries(path.parent, lambda name: split_file.fullmatch(name) is not None)
+    remove_temporaries(tokenizer_file.parent, lambda name: name == tokenizer_file.name)
 
 
 def _find_text_cache(config: Config, path: Path, documents: list[Document]) -> _TextCache | None:
@@ -244,11 +255,20 @@ def _assign_splits(documents: list[Document], split: str) -> list[Document]:
 
 
 def _tokenizer_path(config: Config, data: Path) -> Path:
+    """vocab-file, else `<stem>.bpe-<vocab-size>` or `<stem>.char` (.tokenizer.json) beside
+    the data, with 8 hex of the special tokens when they are not the default: configs that
+    differ there train different tokenizers and must not share one."""
     if config.vocab_file:
         return Path(config.vocab_file)
-    if config.tokenizer_type == "char":
-        return data.with_name(f"{data.stem}.char.tokenizer.json")
-    return data.with_name(f"{data.stem}.bpe-{config.vocab_size}.tokenizer.json")
+    kind = "char" if config.tokenizer_type == "char" else f"bpe-{config.vocab_size}"
+    specials = _special_tokens(config)
+    if specials != SPECIAL_TOKENS:
+        kind += "-" + hashlib.sha256(json.dumps(specials).encode()).hexdigest()[:8]
+    return data.with_name(f"{data.stem}.{kind}.tokenizer.json")
+
+
+def _special_tokens(config: Config) -> tuple[str, ...]:
+    return tuple(config.special_tokens or SPECIAL_TOKENS)
 
 
 def _train_tokenizer(
@@ -256,7 +276,7 @@ def _train_tokenizer(
 ) -> None:
     if config.tokenizer_type == "hf":
         raise NeoxlabError(f"vocab-file {out} does not exist", hint="point it at a tokenizer.json")
-    specials = tuple(config.special_tokens or SPECIAL_TOKENS)
+    specials = _special_tokens(config)
     train_texts = [d.text for d in documents if d.split == "train"]
     if config.tokenizer_type == "char":
         log(f"building a character tokenizer -> {out}")
