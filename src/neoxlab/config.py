@@ -1141,7 +1141,10 @@ def _number(value: Any) -> float | None:
 
 
 def _build(merged: dict, origin: str) -> Config:
-    merged = neox_compat.translate_merged(merged, origin)
+    combined = ("train_iters", "hidden_size", "make_vocab_size_divisible_by")
+    merged = neox_compat.translate_merged(
+        merged, origin, {name: FIELDS[name].default for name in combined}
+    )
     values = {name: _coerce(name, value, origin) for name, value in merged.items()}
     if "optimizer" in values:
         optimizer = {"type": "Adam", "params": {}, **values["optimizer"]}

@@ -459,16 +459,30 @@ def translate_value(key: str, value: Any) -> Any:
 # ---- after all files are merged ---------------------------------------------------------------
 
 
-def translate_merged(merged: dict[str, Any], origin: str) -> dict[str, Any]:
+def translate_merged(
+    merged: dict[str, Any], origin: str, defaults: dict[str, Any]
+) -> dict[str, Any]:
     """The merged layers with MERGED_KEYS turned into neoxlab keys and DeepSpeed's bf16 spelling
-    of the fp16 block read as bf16."""
+    of the fp16 block read as bf16; `defaults` holds the schema's defaults of the keys they
+    combine with (train-iters, hidden-size, make-vocab-size-divisible-by)."""
     merged = dict(merged)
+
+    def value(key: str) -> Any:
+        return merged.get(key, defaults[key])
+
     _finetune(merged, origin)
-    _model_parallel_padding(merged, origin)
+    degree = merged.pop("model_parallel_size", 1)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise NeoxlabError(f"model-parallel-size in {origin} must be a positive integer")
+    if degree > 1:
+        # gpt-neox pads the vocabulary to a multiple of make-vocab-size-divisible-by x the
+        # tensor-parallel degree (Pythia 6.9B: 256, 12B: 512); the same shapes need the same.
+        key = "make_vocab_size_divisible_by"
+        merged[key] = int(_number(value(key), _key(key), origin)) * degree
     fraction = merged.pop("lr_decay_fraction", None)
     if fraction is not None and merged.get("lr_decay_iters") is None:
         # gpt-neox: lr-decay-iters wins; else floor(train-iters x fraction), at least 1
-        iters = _number(merged.get("train_iters"), "train-iters", origin)
+        iters = _number(value("train_iters"), "train-iters", origin)
         share = _number(fraction, "lr-decay-fraction", origin)
         merged["lr_decay_iters"] = max(1, math.floor(iters * share))
     expansion = merged.pop("expansion_factor", None)
@@ -478,7 +492,7 @@ def translate_merged(merged: dict[str, Any], origin: str) -> dict[str, Any]:
                 f"intermediate-size and expansion-factor are both set in {origin}",
                 hint="gpt-neox takes one of them",
             )
-        hidden = _number(merged.get("hidden_size"), "hidden-size", origin)
+        hidden = _number(value("hidden_size"), "hidden-size", origin)
         merged["intermediate_size"] = int(_number(expansion, "expansion-factor", origin) * hidden)
     heads = merged.pop("num_kv_heads", None)
     if heads is not None and heads != merged.get("num_attention_heads"):
@@ -509,18 +523,6 @@ def _finetune(merged: dict[str, Any], origin: str) -> None:
     if merged.get("init_from") not in (None, load):
         raise NeoxlabError(f"finetune's load and init-from name different models in {origin}")
     merged["init_from"] = load
-
-
-def _model_parallel_padding(merged: dict[str, Any], origin: str) -> None:
-    """gpt-neox pads the vocabulary to a multiple of make-vocab-size-divisible-by x the
-    tensor-parallel degree (Pythia 6.9B: 256, 12B: 512); the same shapes need the same."""
-    degree = merged.pop("model_parallel_size", 1)
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
-        raise NeoxlabError(f"model-parallel-size in {origin} must be a positive integer")
-    if degree > 1:
-        key = "make_vocab_size_divisible_by"
-        multiple = _number(merged.get(key, 128), key, origin)
-        merged[key] = int(multiple) * degree
 
 
 def _bf16_in_fp16_block(merged: dict[str, Any]) -> None:
@@ -558,10 +560,14 @@ def missing_required(seen: Iterable[str]) -> list[str]:
 
 
 def _number(value: Any, name: str, origin: str) -> float:
+    """`value` as a finite positive number (YAML may give "1e-3" as text)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise NeoxlabError(f"{name} in {origin} must be a number, got {value!r}") from None
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise NeoxlabError(f"{name} in {origin} must be a positive number, got {value!r}")
+    return number
 
 
 def _key(name: str) -> str:
