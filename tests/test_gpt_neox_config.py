@@ -853,3 +853,11 @@ def test_c4_json_gz_files_are_json_lines(tmp_path, vocab_file):
         == plain.prefix.with_suffix(".bin").read_bytes()
     )
     assert len(IndexedDataset(from_c4.prefix)) == 5
+
+
+def test_docs_give_every_ignored_and_refused_key_its_reason():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "gpt-neox-configs.md").read_text()
+    for key in [*neox_compat.IGNORED_KEYS, *neox_compat.UNSUPPORTED]:
+        assert f"`{key.replace('_', '-')}`" in doc, key

@@ -1286,8 +1286,8 @@ def load_config(
             for name, value in defaulted.items()
         )
         notice(
-            f"note: {', '.join(neox_files)} is a gpt-neox config: the keys it leaves out take "
-            f"gpt-neox's defaults, not neoxlab's: {listed}"
+            f"note: {_gpt_neox_files(neox_files)}, so the keys no file sets take gpt-neox's "
+            f"defaults, not neoxlab's: {listed}"
         )
     return config
 
@@ -1297,17 +1297,16 @@ def _with_gpt_neox_defaults(
 ) -> tuple[dict, dict[str, str]]:
     """`merged` over gpt-neox's defaults for the keys nothing set, after checking gpt-neox's
     required keys; also {hyphenated key: value} of the defaults that differ from neoxlab's."""
-    files = ", ".join(neox_files)
     missing = neox_compat.missing_required(seen)
     if missing:
         raise NeoxlabError(
-            f"{files} is a gpt-neox config, and gpt-neox needs {', '.join(missing)}, which no "
+            f"{_gpt_neox_files(neox_files)}, and gpt-neox needs {', '.join(missing)}, which no "
             "file sets (it has no default for them)",
             hint="set them, or give this file after the model's config, as gpt-neox takes "
             "several (e.g. neoxlab train 125M.yml local_setup.yml)",
         )
     defaults = neox_compat.gpt_neox_defaults(seen)
-    origin = f"gpt-neox's defaults (for keys {files} leaves out)"
+    origin = f"gpt-neox's defaults (for keys no file of {', '.join(neox_files)} sets)"
     layer = flatten_layer(defaults, origin, None)
     differing = {}
     for name, value in layer.items():
@@ -1317,6 +1316,10 @@ def _with_gpt_neox_defaults(
         elif value != FIELDS[name].default:
             differing[_key(name)] = _format_default(defaults.get(name, value))  # as gpt-neox says
     return _merge(layer, merged), differing
+
+
+def _gpt_neox_files(files: list[str]) -> str:
+    return f"{', '.join(files)}: gpt-neox config{'s' if len(files) > 1 else ''}"
 
 
 def _neoxlab_default(name: str) -> Any:

@@ -393,11 +393,15 @@ def check_supported(key: str, value: Any, origin: str) -> None:
     if _is_accepted(value, rule.accepted):
         return
     accepted = rule.accepted[0]
-    shown = f"leave {_key(key)} out" if accepted is None else f"{_key(key)}: {_yaml(accepted)}"
+    trains = (
+        f"without it (leave {_key(key)} out)"
+        if accepted is None
+        else f"with {_key(key)}: {_yaml(accepted)}"
+    )
     raise NeoxlabError(
         f"{_key(key)} {_yaml(value)} in {origin} asks for {rule.other_values}, which neoxlab "
         "does not support",
-        hint=f"neoxlab trains with {shown}; docs/gpt-neox-configs.md lists what it supports",
+        hint=f"neoxlab trains {trains}; docs/gpt-neox-configs.md lists what it supports",
     )
 
 
