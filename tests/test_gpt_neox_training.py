@@ -18,6 +18,7 @@ from neoxlab.data.prepare import build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.model import GPTNeoX, ModelConfig
+from neoxlab.tokenizer import load_tokenizer, train_bpe
 from neoxlab.trainer import Trainer, train
 
 # configs/finetuning_configs/6-9B.yml
@@ -293,3 +294,24 @@ def test_resume_with_another_schedule(tiny_overrides, source_run, key, lr, said)
     assert trainer.step == 2 and trainer.config.lr == lr
     notes = [line for line in log if "schedule" in line]
     assert (said in notes[0]) if said else notes == []
+
+
+# ---- GPT2BPETokenizer, gpt-neox's default tokenizer ------------------------------------------
+
+
+def test_gpt_neox_125m_trains_with_gpt2_vocab_and_merges(tmp_path, tiny_corpus, shakespeare_text):
+    """configs/125M.yml names no tokenizer: GPT-2's vocab.json + merges.txt (here a small BPE
+    saved in that format), given as local_setup.yml gives them."""
+    from test_gpt_neox_config import GPT_NEOX_125M
+
+    bpe = train_bpe([shakespeare_text[:50_000]], 400, special_tokens=("<|endoftext|>",))
+    vocab, merges = bpe.model.save(str(tmp_path), "gpt2")
+    model_file = tmp_path / "125M.yml"
+    model_file.write_text(yaml.safe_dump(GPT_NEOX_125M, sort_keys=False))
+    setup = [f"vocab-file={vocab}", f"merge-file={merges}", f"data-path={tiny_corpus}"]
+    config = load_config([model_file], [*TINY_NEOX, *setup], notice=quiet)
+    assert config.tokenizer_type == "gpt2" and config.rotary_pct == 1.0
+    result = train(config, progress=False, log=quiet)
+    assert result.finished
+    saved = load_tokenizer(run_checkpoint(result.run_dir))
+    assert saved.encode("ROMEO: hello").ids == bpe.encode("ROMEO: hello").ids
