@@ -1305,13 +1305,14 @@ def _with_gpt_neox_defaults(
             hint="set them, or give this file after the model's config, as gpt-neox takes "
             "several (e.g. neoxlab train 125M.yml local_setup.yml)",
         )
-    defaults = neox_compat.gpt_neox_defaults(seen)
+    defaults = neox_compat.gpt_neox_defaults(seen, merged)
     origin = f"gpt-neox's defaults (for keys no file of {', '.join(neox_files)} sets)"
     layer = flatten_layer(defaults, origin, None)
     differing = {}
     for name, value in layer.items():
         if name == "fp16":
-            if "hysteresis" not in merged.get("fp16", {}):
+            fp16 = merged.get("fp16", {})
+            if fp16.get("enabled") and "hysteresis" not in fp16:  # it matters with fp16 only
                 differing["fp16.hysteresis"] = str(value["hysteresis"])
         elif value != FIELDS[name].default:
             differing[_key(name)] = _format_default(defaults.get(name, value))  # as gpt-neox says

@@ -543,12 +543,16 @@ def _bf16_in_fp16_block(merged: dict[str, Any]) -> None:
     merged["fp16"] = fp16
 
 
-def gpt_neox_defaults(seen: Iterable[str]) -> dict[str, Any]:
-    """gpt-neox's defaults for the keys no file (nor override) set: GPT_NEOX_DEFAULTS, fp32
-    without any precision key, and DeepSpeed's loss-scale hysteresis in the fp16 block."""
+def gpt_neox_defaults(seen: Iterable[str], merged: dict[str, Any]) -> dict[str, Any]:
+    """gpt-neox's defaults for the keys no file (nor override) set in `merged`: GPT_NEOX_DEFAULTS,
+    fp32 unless a precision key or an enabled fp16/bf16 block says otherwise, and DeepSpeed's
+    loss-scale hysteresis in the fp16 block."""
     seen = set(seen)
     defaults = {k: v for k, v in GPT_NEOX_DEFAULTS.items() if k not in seen}
-    if not seen & {"precision", "fp16", "bf16"}:
+    blocks = [merged.get(name) for name in ("fp16", "bf16")]
+    if "precision" not in seen and not any(
+        isinstance(b, dict) and b.get("enabled") for b in blocks
+    ):
         defaults["precision"] = GPT_NEOX_PRECISION
     defaults["fp16"] = {"hysteresis": FP16_HYSTERESIS}
     return defaults
