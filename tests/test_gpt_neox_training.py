@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import TINY_MODEL
 
 from neoxlab.checkpoint import load_weights, run_checkpoint
 from neoxlab.config import load_config
@@ -243,12 +244,17 @@ def test_static_loss_scale_never_changes_and_hysteresis_state_resumes():
 # ---- finetune ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def source_run(tiny_overrides):
-    """A tiny run with a checkpoint at step 2, Pythia's tanh GELU as gpt-neox's bias fusion."""
-    overrides = [*tiny_overrides, "train-iters=2", "save-interval=2", "sample-tokens=0"]
-    result = train(load_config([], [*overrides, "activation=gelu_tanh"]), progress=False, log=quiet)
-    return result.run_dir
+SOURCE_RUN = ["train-iters=2", "save-interval=2", "sample-tokens=0", "activation=gelu_tanh"]
+
+
+@pytest.fixture(scope="module")
+def source_run(tiny_corpus, tmp_path_factory):
+    """A tiny run with a checkpoint at step 2 (Pythia's tanh GELU, as gpt-neox's bias fusion),
+    trained once for this module; the tests only read it."""
+    overrides = [*TINY_MODEL, f"data-path={tiny_corpus}", "device=cpu", *SOURCE_RUN]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("source"))
+        return train(load_config([], overrides), progress=False, log=quiet).run_dir
 
 
 def finetune_config(tmp_path, load: str, tiny_corpus):
@@ -286,7 +292,7 @@ def test_finetune_from_a_missing_checkpoint_is_an_error(tmp_path, tiny_corpus):
     ],
 )
 def test_resume_with_another_schedule(tiny_overrides, source_run, key, lr, said):
-    overrides = [*tiny_overrides, "train-iters=2", "save-interval=2", "lr=1e-3"]
+    overrides = [*tiny_overrides, *SOURCE_RUN, "lr=1e-3"]
     if key:
         overrides.append(f"{key}=true")
     log: list[str] = []
