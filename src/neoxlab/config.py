@@ -1314,6 +1314,8 @@ def _with_gpt_neox_defaults(
             fp16 = merged.get("fp16", {})
             if fp16.get("enabled") and "hysteresis" not in fp16:  # it matters with fp16 only
                 differing["fp16.hysteresis"] = str(value["hysteresis"])
+        elif name == "split" and merged.get("train_data_paths"):
+            continue  # whole datasets per split: `split` does not apply
         elif value != FIELDS[name].default:
             differing[_key(name)] = _format_default(defaults.get(name, value))  # as gpt-neox says
     return _merge(layer, merged), differing
