@@ -4,7 +4,6 @@ leaves what was on disk before as it was."""
 
 import ast
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -34,9 +33,10 @@ from neoxlab.config import load_config
 from neoxlab.data.indexed import IndexedDatasetWriter
 from neoxlab.errors import NeoxlabError
 from neoxlab.hf import load_trained
+from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.tokenizer import train_bpe
 from neoxlab.tracking import read_metrics
-from neoxlab.trainer import Trainer, _scaler, train
+from neoxlab.trainer import Trainer, train
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "neoxlab"
 
@@ -520,7 +520,7 @@ def fp16_trainer(overrides, scale_power, min_scale, overflow_steps):
     )
     trainer = Trainer(config, progress=False, log=lambda _: None)
     assert trainer.runtime.precision == "fp32" and not trainer.scaler.is_enabled()
-    trainer.scaler = _scaler(config, dataclasses.replace(trainer.runtime, precision="fp16"))
+    trainer.scaler = build_grad_scaler(trainer.runtime.device.type, True, config.fp16)
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**scale_power
     backward_passes = itertools.count()
 

@@ -166,7 +166,7 @@ def _add_prepare_code(corpora: Any) -> None:
 def _add_prepare_jsonl(corpora: Any) -> None:
     jsonl = corpora.add_parser(
         "jsonl",
-        help="jsonl / .jsonl.gz / .jsonl.zst files or folders -> one GPT-NeoX .bin/.idx",
+        help="jsonl (or .json lines) files, .gz/.zst too, or folders -> one GPT-NeoX .bin/.idx",
         description=(
             "Tokenize every record's text (streamed, in parallel) into "
             "PREFIX_{text-key}_document.bin/.idx, the files gpt-neox's preprocess_data.py writes."

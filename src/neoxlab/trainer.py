@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
@@ -34,8 +33,10 @@ from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
 from neoxlab.hf import apply_init_from, init_model
 from neoxlab.interrupt import StopOnSignal
+from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from neoxlab.resume_schedule import schedule_on_resume
 from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
 from neoxlab.tokenizer import encode, load_tokenizer, save_tokenizer
 from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
@@ -105,20 +106,6 @@ def build_model(
         return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
     return GPTNeoX(model_config(config, vocab, train_device_type)).to(device)
-
-
-def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
-    fp16 = config.fp16
-    static = fp16["loss_scale"] > 0
-    # Sharded gradients: each rank sees only its shard, so overflow must be agreed across ranks.
-    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
-    return scaler_class(
-        runtime.device.type,
-        enabled=runtime.precision == "fp16",
-        init_scale=fp16["loss_scale"] if static else 2.0 ** fp16["initial_scale_power"],
-        # A static loss scale (gpt-neox `loss_scale` > 0) never grows.
-        growth_interval=2**31 - 1 if static else fp16["loss_scale_window"],
-    )
 
 
 def _quiet(message: str) -> None:
@@ -252,7 +239,10 @@ class Trainer:
         self.data: PreparedData = self._prepare_data()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
+        # Sharded gradients: each rank sees only its shard, so overflow is agreed across ranks.
+        self.scaler = build_grad_scaler(
+            self.runtime.device.type, self.runtime.precision == "fp16", config.fp16, self.sharded
+        )
         self.step = 0
         self.tokens = 0
         self.best_val_loss: float | None = None
@@ -329,6 +319,7 @@ class Trainer:
             self.log(
                 f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
             )
+        self.config = schedule_on_resume(self.config, state["config"], self.log)
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]]:

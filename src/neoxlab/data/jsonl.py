@@ -1,5 +1,7 @@
 """`neoxlab prepare jsonl`: jsonl corpora (plain, .gz, .zst) -> one GPT-NeoX .bin/.idx, streamed.
 
+`.json` files are read as JSON lines too (C4 ships `c4-train.*.json.gz`, one record a line).
+
 Writes what gpt-neox's tools/datasets/preprocess_data.py writes for the same tokenizer.json and
 key: each record's text encoded as HF tokenizers encode it (`Tokenizer.encode(text).ids`, as
 gpt-neox's HFTokenizer does), the end-of-document token appended, empty texts skipped, one
@@ -36,7 +38,7 @@ from neoxlab.data.indexed import IndexedDatasetWriter, best_dtype
 from neoxlab.errors import NeoxlabError
 from neoxlab.tokenizer import load_tokenizer, token_id
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 CHUNK_BYTES = 1 << 20
 ZSTD_READ_BYTES = 1 << 17  # compressed bytes per read: a few MB once decompressed
 ON_ERROR = ("fail", "skip")
@@ -200,6 +202,8 @@ def _init_worker(tokenizer_file: str, text_key: str, eod_id: int | None, dtype: 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
     """Parse and tokenize one chunk with the state `_init_worker` set."""
     key = _worker["text_key"]
+    named_json = ".jsonl" not in Path(chunk.path).name  # C4's .json(.gz): JSON lines as well
+    json_hint = " (a .json input must hold one record per line)" if named_json else ""
     texts: list[str] = []
     bad: list[str] = []
     empty = text_bytes = 0
@@ -214,7 +218,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
             bad.append(f"{where}: not UTF-8")
             continue
         except json.JSONDecodeError as err:
-            bad.append(f"{where}: invalid JSON ({err.msg}: column {err.colno})")
+            bad.append(f"{where}: invalid JSON ({err.msg}: column {err.colno}){json_hint}")
             continue
         if not isinstance(record, dict) or key not in record:
             bad.append(f"{where}: no {key!r} key")
