@@ -206,22 +206,23 @@ def evaluate_model(
     *,
     weights: dict[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    quiet: bool = False,
     in_training: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's results (the dict its CLI writes as JSON) for `trained` on tasks `names`
     (from prepare_tasks).
 
     `weights` replaces the model's own tensors (a sharded run's gathered copy), `device` is
-    where the model evaluates (default: where its weights are). `in_training`: inside a
-    training process, whose log lm-eval's progress bars and prints would flood, and whose
-    threads (W&B's, TensorBoard's) make the worker processes lm-eval forks for its bootstrap
-    standard errors hang: it computes them in this process instead (the same numbers)."""
+    where the model evaluates (default: where its weights are); `quiet` keeps lm-eval's progress
+    bars and prints off the console. `in_training`: inside a training process, whose threads
+    (W&B's, TensorBoard's) can make the worker processes lm-eval forks for its bootstrap
+    standard errors hang: they are computed in this process instead (the same numbers)."""
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     # simple_evaluate seeds Python's, numpy's and torch's generators (as lm-eval's CLI does);
     # a training run's own streams must go on as if no benchmark had run.
-    with _library_output(quiet=in_training), _bootstrap_here(in_training), _generators_kept():
+    with _library_output(quiet), _bootstrap_here(in_training), _generators_kept():
         model, tokenizer = transformers_model(trained, weights)
         if device is not None:
             model.to(device)
@@ -362,6 +363,7 @@ class TrainingBenchmarks:
                 self.names,
                 weights=weights,
                 device=self.device,
+                quiet=True,
                 in_training=True,
             )
             write_results(results_path(run_dir, step), results_json(results))
