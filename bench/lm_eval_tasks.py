@@ -42,6 +42,7 @@ def quickstart_run(folder: Path, smoke: bool) -> Path:
     if smoke:
         data = corpora.shakespeare_jsonl(folder, 50_000)
         overrides = [*common.SMOKE_MODEL, "vocab-size=300", "train-iters=4", f"data-path={data}"]
+        overrides += [f"vocab-file={folder / 'tokenizer.json'}"]  # not the repository's
         # a context longer than every answer (lm-eval refuses to score one longer than it)
         overrides += ["seq-length=64", "max-position-embeddings=64"]
         overrides += ["eval-interval=4", "eval-iters=1", "save-interval=4", "sample-tokens=0"]

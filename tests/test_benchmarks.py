@@ -19,7 +19,9 @@ from test_tracking import leet, wandb_home  # noqa: F401 (a fixture)
 
 from neoxlab import cli
 from neoxlab.config import load_config
+from neoxlab.data.benchmark_data import shakespeare_last_word
 from neoxlab.errors import NeoxlabError
+from neoxlab.tokenizer import load_tokenizer
 from neoxlab.tracking import read_metrics
 
 pytest.importorskip("lm_eval")
@@ -97,6 +99,10 @@ def test_scores_equal_lm_eval_run_on_the_export(tiny_run, tmp_path, monkeypatch,
         for key, value in metrics.items():
             if isinstance(value, float):
                 assert close(ours_json["results"][task][key], value), (task, key)
+    # the documents scored were longer than the context: lm-eval cut them from the left
+    tokenizer = load_tokenizer(tiny_run / "tokenizer.json")
+    contexts = shakespeare_last_word()["test"][:3]["context"]
+    assert max(len(tokenizer.encode(context).ids) for context in contexts) > 64
     rolling = ours_json["results"]["python_stdlib_perplexity"]
     assert 0 < rolling["bits_per_byte,none"] < 20 and math.isfinite(rolling["byte_perplexity,none"])
 
@@ -113,6 +119,31 @@ def test_results_go_to_the_run_by_default_and_options_need_tasks(tiny_run, capsy
     tasks_and_data = benchmark_argv(tiny_run, "shakespeare_next_line", "seq-length=16")
     assert cli.main(tasks_and_data) == 2
     assert "give one or the other" in capsys.readouterr().err
+
+
+def test_a_task_of_your_own_over_a_local_jsonl(tiny_run, tmp_path):
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    documents = [{"text": "ROMEO:\nGood", "choices": [" morrow", " zzz"], "label": 0}] * 2
+    (folder / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+    (folder / "my_choice.yaml").write_text(
+        "task: my_choice\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {folder / 'test.jsonl'}}}, "
+        f"cache_dir: {tmp_path / 'hf-cache'}}}\n"
+        "output_type: multiple_choice\n"
+        "test_split: test\n"
+        "doc_to_text: text\n"
+        "doc_to_choice: choices\n"
+        "doc_to_target: label\n"
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    output = tmp_path / "mine.json"
+    argv = ["eval", str(tiny_run), "--tasks", "my_choice", "--include-path", str(folder)]
+    assert cli.main([*argv, "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["n-samples"]["my_choice"]["effective"] == 2
+    assert results["results"]["my_choice"]["acc,none"] in (0.0, 1.0)
 
 
 def test_unknown_task_is_one_line_naming_close_matches(tiny_run, capsys):
