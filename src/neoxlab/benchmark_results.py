@@ -28,10 +28,15 @@ def results_path(run_dir: Path, step: int) -> Path:
     return run_dir / BENCHMARKS_DIR / f"{STEP_FILE_PREFIX}{step:07d}.json"
 
 
+def run_of(checkpoint: Path) -> Path | None:
+    """The run directory that holds `checkpoint` (in whatever `save` folder); None for a model
+    outside a run (a Hugging Face folder)."""
+    return next((p for p in checkpoint.resolve().parents if (p / "config.yml").is_file()), None)
+
+
 def default_results_path(checkpoint: Path, step: int | None) -> Path | None:
-    """Where the results of `checkpoint` go: RUN/benchmarks/step_NNNNNNN.json of the run that
-    holds it; None for a model outside a run (a Hugging Face folder)."""
-    run_dir = next((p for p in checkpoint.resolve().parents if (p / "config.yml").is_file()), None)
+    """Where the results of `checkpoint` go: RUN/benchmarks/step_NNNNNNN.json of its run."""
+    run_dir = run_of(checkpoint)
     if step is None or run_dir is None:
         return None
     return results_path(run_dir, step)

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from neoxlab import __version__
 from neoxlab.atomic import give_default_permissions
-from neoxlab.benchmark_results import latest_results, markdown_table
+from neoxlab.benchmark_results import latest_results, markdown_table, run_of
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
@@ -559,9 +559,8 @@ def _final_metrics_table(trained: TrainedModel) -> list[str]:
 def _benchmark_table(trained: TrainedModel) -> list[str]:
     """The run's latest lm-eval results at or before the checkpoint's step (neoxlab eval --tasks,
     eval-tasks), as a table."""
-    step = trained.state.get("step")
-    run_dir = trained.checkpoint.parent.parent
-    latest = latest_results(run_dir, step) if step is not None else None
+    step, run_dir = trained.state.get("step"), run_of(trained.checkpoint)
+    latest = latest_results(run_dir, step) if step is not None and run_dir else None
     if latest is None:
         return []
     benchmark_step, results = latest
