@@ -72,13 +72,15 @@ def metric_values(results: dict[str, Any]) -> dict[str, float]:
     values = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            if _is_number(value):
+            if _is_metric(key, value):
                 values[metric_name(task, key)] = float(value)
     return values
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_metric(key: str, value: Any) -> bool:
+    """A metric's number: lm-eval names every metric "metric,filter" (and beside them keeps
+    bookkeeping such as sample_len, and "N/A" where a standard error has no value)."""
+    return "," in key and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def table_rows(results: dict[str, Any]) -> list[list[Any]]:
@@ -89,7 +91,7 @@ def table_rows(results: dict[str, Any]) -> list[list[Any]]:
         for key, value in sorted(metrics.items()):
             metric = key.removesuffix(NO_FILTER)
             name, _, filter_name = key.partition(",")
-            if name.endswith(STDERR_SUFFIX) or not _is_number(value):
+            if name.endswith(STDERR_SUFFIX) or not _is_metric(key, value):
                 continue
             stderr = metrics.get(f"{name}{STDERR_SUFFIX},{filter_name}")
             rows.append([task, metric, value, stderr if isinstance(stderr, float) else None])
@@ -100,6 +102,10 @@ def markdown_table(results: dict[str, Any]) -> list[str]:
     """The results as a markdown table (one line per metric)."""
     lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
     for task, metric, value, stderr in table_rows(results):
-        shown_stderr = "" if stderr is None else f"{stderr:.4f}"
-        lines.append(f"| {task} | {metric} | {value:.4f} | {shown_stderr} |")
+        shown_stderr = "" if stderr is None else _shown(stderr)
+        lines.append(f"| {task} | {metric} | {_shown(value)} | {shown_stderr} |")
     return lines
+
+
+def _shown(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}"  # word perplexities get huge
