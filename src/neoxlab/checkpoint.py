@@ -37,6 +37,7 @@ from neoxlab.config import Config, config_from_dict, model_config, padded_vocab_
 from neoxlab.errors import NeoxlabError
 from neoxlab.model import GPTNeoX
 from neoxlab.tokenizer import load_tokenizer
+from neoxlab.tracking import RUNS_DIR, runs_under
 
 STEP_PREFIX = "step_"
 FILES = ("model.safetensors", "optimizer.pt", "state.json", "tokenizer.json")
@@ -262,6 +263,21 @@ def run_checkpoint(run: Path) -> Path | None:
     config.yml names; None when it saves none or has none yet."""
     saved = config_from_dict(read_yaml(run / "config.yml"))
     return latest_checkpoint(run / saved.save) if saved.save else None
+
+
+def resumable_run(run_name: str | None, base: Path | None = None) -> Path | None:
+    """The run under runs/ (named `run_name`, when set) holding the newest complete checkpoint;
+    None when there is none.
+
+    `--resume auto` and the notebooks' resume use it: the same command, rerun after any stop (a
+    preempted VM, a Slurm requeue, a disconnected Colab), continues where the last complete
+    checkpoint left off, and a name keeps it to that run (never a newer run of another shape)."""
+    written = []  # (when its newest complete checkpoint was written, run)
+    for run in runs_under(base or Path.cwd() / RUNS_DIR, run_name):
+        checkpoint = run_checkpoint(run)
+        if checkpoint is not None:
+            written.append(((checkpoint / "state.json").stat().st_mtime, run))
+    return max(written)[1] if written else None
 
 
 def resolve_checkpoint(path: Path) -> Path:
