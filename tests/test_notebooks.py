@@ -3,6 +3,7 @@ parameters (papermill), in a temporary folder so that nothing lands in the check
 
 import itertools
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,7 @@ TINY_MODEL = [
     "max-position-embeddings=64",
     "micro-batch-size=2",
     "global-batch-size=4",
-    "sample-tokens=16",
+    "sample-tokens=8",
 ]
 SHAKESPEARE_PARAMETERS = {
     "train_iters": 24,
@@ -52,7 +53,7 @@ CODE_PARAMETERS = {
     "experiment_iters": 6,
     "eval_interval": 6,
     "eval_iters": 2,
-    "line_completion_samples": 4,
+    "line_completion_samples": 2,
     "log_interval": 3,
     "max_files": 40,
     "vocab_size": 400,
@@ -204,39 +205,32 @@ def test_notebook_stops_on_a_cpu_unless_asked(path, tmp_path, kernel_environment
     assert list((tmp_path / "work").iterdir()) == []  # no data, tokenizer or runs
 
 
-def _stopped_main_run_and_a_newer_other_run(work: Path) -> Path:
+def _stopped_main_run_and_a_newer_run(work: Path) -> Path:
     """What a disconnect leaves: the notebook's main run stopped halfway with a checkpoint, and
-    a newer run of another shape (the newest run folder, which `latest` would have picked)."""
+    a newer run folder of another name (the newest run, which `latest` used to continue)."""
     data = write_shakespeare_jsonl(
         read_text(fetch_shakespeare()), work / "data" / "shakespeare.jsonl"
     )
     parameters = SHAKESPEARE_PARAMETERS
-    common = [
+    overrides = [
         f"data-path={data}",
-        f"vocab-file={work / 'earlier-tokenizer.json'}",  # the notebook trains its own, the same
+        # The notebook's own tokenizer file: trained here, the notebook finds it trained (as it
+        # does after a disconnect) and resumes with it.
+        f"vocab-file={work / 'tokenizer' / 'shakespeare-bpe-5000.json'}",
         "device=cpu",
+        "run-name=main",
+        f"train-iters={parameters['train_iters']}",
+        f"exit-interval={parameters['train_iters'] // 2}",
         f"eval-interval={parameters['eval_interval']}",
         f"save-interval={parameters['eval_interval']}",
         f"eval-iters={parameters['eval_iters']}",
         *parameters["model_overrides"],
     ]
-    half = parameters["train_iters"] // 2
-    main = load_config(
-        [CONFIG],
-        [
-            *common,
-            "run-name=main",
-            f"train-iters={parameters['train_iters']}",
-            f"exit-interval={half}",
-        ],
-    )
-    stopped = train(main, config_files=[str(CONFIG)], progress=False)
-    assert stopped.step == half and not stopped.finished
-    other = load_config(
-        [CONFIG],
-        [*common, "run-name=other-shape", "num-layers=3", "train-iters=2", "save-interval=2"],
-    )
-    train(other, config_files=[str(CONFIG)], progress=False)
+    stopped = train(load_config([CONFIG], overrides), config_files=[str(CONFIG)], progress=False)
+    assert stopped.step == parameters["train_iters"] // 2 and not stopped.finished
+    # copied, not copied with its times: every file of the copy is newer
+    newer = work / "runs" / stopped.run_dir.name.replace("main-", "other-")
+    shutil.copytree(stopped.run_dir, newer, copy_function=shutil.copy)
     return stopped.run_dir
 
 
@@ -245,13 +239,13 @@ def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # where the runs made here go: work/runs, as the notebook's
-    main_run = _stopped_main_run_and_a_newer_other_run(work)
+    main_run = _stopped_main_run_and_a_newer_run(work)
     notebook, work = _execute(SHAKESPEARE, tmp_path, SHAKESPEARE_PARAMETERS)
     stream = "".join(_outputs(notebook, "stream"))
 
     runs = {path.name.rsplit("-", 1)[0]: path for path in (work / "runs").iterdir()}
     expected_runs = {"main", "baseline", "lr-x3", "batch-x2", "depth-x2", "resume-demo"}
-    assert set(runs) == {*expected_runs, "other-shape"}
+    assert set(runs) == {*expected_runs, "other"}
     # resume_main_run: the main run continued by name, not the newest run folder
     assert list((work / "runs").glob("main-*")) == [main_run]
     assert f"resuming {main_run.name} from step_0000012" in stream
@@ -271,8 +265,9 @@ def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= exported
     assert len(_outputs(notebook, "image/png")) >= 2  # the loss curve and the comparison
     assert "validation loss" in stream and "resuming resume-demo" in stream
-    # the tokenizer is trained in view, the model printed and run once with its shapes
-    assert "def train_bpe(" in stream and "trained in" in stream
+    # the tokenizer's training code is shown (the run above trained it), the model printed and
+    # run once with its shapes
+    assert "def train_bpe(" in stream and "already trained:" in stream
     assert "embed_out                  -> (2, 64, 5120)" in stream
     assert "ln(5,120): the loss of guessing evenly" in stream
 
