@@ -16,7 +16,6 @@ from test_hf import (
     CHAT_CONFIG,
     CHAT_EXAMPLE,
     PROMPT,
-    cli_greedy_text,
     finetune_overrides,
     hf_greedy,
     make_tiny_pythia,
@@ -39,14 +38,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 QUIET = {"progress": False, "log": lambda _: None}
-LORA = [
-    "lora-rank=4",
-    "lora-alpha=8",
-    "lr=1e-2",
-    "save-interval=6",
-    "keep-last-k=2",
-    "sample-tokens=0",
-]
+CHAT_LORA = CHAT_CONFIG.with_name("chat_finetune_lora.yml")
+# finetune_overrides' tiny run (12 steps of 8 x 96 tokens) with the LoRA config's settings
+LORA = ["lr=1e-2", "save-interval=6", "sample-tokens=0"]
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def pythia(tmp_path) -> Path:
 
 
 def lora_config(pythia: Path, *extra: str):
-    return load_config([CHAT_CONFIG], finetune_overrides(pythia, *LORA, *extra))
+    return load_config([CHAT_LORA], finetune_overrides(pythia, *LORA, *extra))
 
 
 def train_losses(run_dir: Path, key: str = "train/loss") -> list[float]:
@@ -75,7 +69,8 @@ def test_lora_run_end_to_end(pythia, tmp_path, monkeypatch, capsys):
     assert losses[-1] < losses[0] - 0.05, losses  # it learns
 
     # the base weights are bitwise the base model's; only the adapters trained
-    hf = transformers.AutoModelForCausalLM.from_pretrained(pythia).state_dict()
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(pythia).eval()
+    hf = dict(base_model.state_dict())
     hf["embed_out.weight"] = hf.pop("lm_head.weight")
     trained = {n: p for n, p in trainer.model.named_parameters()}
     base = {n.replace(".base_layer", ""): p for n, p in trained.items() if "lora_" not in n}
@@ -110,13 +105,13 @@ def test_lora_run_end_to_end(pythia, tmp_path, monkeypatch, capsys):
 
     # generate, eval and chat run on the LoRA run directly (adapters merged on loading)
     ours = neoxlab_greedy(result.run_dir, PROMPT, 16)
+    tokenizer = load_trained(pythia, torch.device("cpu")).tokenizer  # the run's is the base's
     assert main(["eval", str(result.run_dir), "--eval-iters", "1", "--device", "cpu"]) == 0
     assert f"validation loss {losses[-1]:.4f}" in capsys.readouterr().out
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
     argv = ["generate", str(result.run_dir), "--chat", "--temperature", "0"]
     assert main([*argv, "--max-new-tokens", "16", "--device", "cpu"]) == 0
     prompt = ChatFormat().text([Turn("user", "What is the capital of France?")], True)
-    tokenizer = load_trained(result.run_dir, torch.device("cpu")).tokenizer
     expected = neoxlab_greedy(result.run_dir, prompt, 16)
     reply = ChatFormat().reply(tokenizer.decode(expected, skip_special_tokens=True))
     assert f"Agent: {reply}\n" in capsys.readouterr().out
@@ -125,16 +120,11 @@ def test_lora_run_end_to_end(pythia, tmp_path, monkeypatch, capsys):
     merged = tmp_path / "merged"
     assert main(["export", str(result.run_dir), "--out", str(merged)]) == 0
     assert ours == hf_greedy(merged, PROMPT, 16)[: len(ours)]
-    assert "LoRA rank 4" in (merged / "README.md").read_text()
-    capsys.readouterr()
-    assert cli_greedy_text(result.run_dir, PROMPT, 16, capsys) == cli_greedy_text(
-        merged, PROMPT, 16, capsys
-    )
+    assert "LoRA rank 8" in (merged / "README.md").read_text()
 
     # --adapter: a PEFT folder that peft loads onto the transformers base model
     folder = tmp_path / "adapter"
     assert main(["export", str(result.run_dir), "--adapter", "--out", str(folder)]) == 0
-    base_model = transformers.AutoModelForCausalLM.from_pretrained(pythia)
     with_adapter = peft.PeftModel.from_pretrained(base_model, folder).eval()
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
     with torch.no_grad():
@@ -142,7 +132,7 @@ def test_lora_run_end_to_end(pythia, tmp_path, monkeypatch, capsys):
             input_ids=ids, max_new_tokens=16, do_sample=False, eos_token_id=0, pad_token_id=1
         )
     assert out[0, ids.size(1) :].tolist()[: len(ours)] == ours
-    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
 
 
 def test_lora_checkpoints_refuse_another_base(pythia, capsys):
@@ -197,7 +187,7 @@ def test_lora_targets_follow_the_models_own_layer_names():
 
 
 def test_qlora_on_a_cpu_is_one_line(pythia, capsys):
-    argv = ["train", str(CHAT_CONFIG), *finetune_overrides(pythia, *LORA, "load-in-4bit=true")]
+    argv = ["train", str(CHAT_LORA), *finetune_overrides(pythia, *LORA, "load-in-4bit=true")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "load-in-4bit (QLoRA) needs a CUDA GPU" in err
@@ -235,7 +225,7 @@ def test_qlora_path_with_bitsandbytes_cpu_kernels(pythia, monkeypatch):
 
 def test_offload_trains_like_the_plain_run_and_resumes(tiny_overrides):
     offload = "zero-optimization.offload-optimizer.device=cpu"
-    common = [*tiny_overrides, "train-iters=6", "save-interval=3", "sample-tokens=0"]
+    common = [*tiny_overrides, "train-iters=4", "save-interval=2", "sample-tokens=0"]
     plain = Trainer(load_config([], common), **QUIET).run()
     config = load_config([], [*common, offload])
     trainer = Trainer(config, **QUIET)
@@ -245,10 +235,10 @@ def test_offload_trains_like_the_plain_run_and_resumes(tiny_overrides):
     a, b = train_losses(plain.run_dir), train_losses(offloaded.run_dir)
     assert b[-1] < b[0] and a == pytest.approx(b, rel=1e-4)
     copy = offloaded.run_dir.with_name(offloaded.run_dir.name + "-resumed")
-    step3 = Path("checkpoints", "step_0000003")
-    shutil.copytree(offloaded.run_dir / step3, copy / step3)
+    step2 = Path("checkpoints", "step_0000002")
+    shutil.copytree(offloaded.run_dir / step2, copy / step2)
     Trainer(config, resume=copy, **QUIET).run()
-    last = Path("checkpoints/step_0000006/model.safetensors")
+    last = Path("checkpoints/step_0000004/model.safetensors")
     one, two = load_file(str(offloaded.run_dir / last)), load_file(str(copy / last))
     assert all(torch.equal(one[k], two[k]) for k in one)
 

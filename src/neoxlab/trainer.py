@@ -257,7 +257,7 @@ class Trainer:
         self.lora = LoraSpec.from_options(config)
         check_lora_runtime(self.lora, self.runtime.device.type, self.sharded, config.init_from)
         # Before any data work: a run that cannot fit stops here, saying what would fit.
-        check_memory(config, self.runtime, self.world, self.sharded, log)
+        self.memory = check_memory(config, self.runtime, self.world, self.sharded, log)
         # LoRA checkpoints hold only adapters: they name the base model and its hash.
         self.base_model = base_fingerprint(config.init_from) if self.lora else None
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
