@@ -159,6 +159,35 @@ def test_lora_needs_a_base_and_known_targets(pythia, tiny_overrides, capsys):
     assert "was not trained with LoRA" in capsys.readouterr().err
 
 
+def test_dry_run_of_a_lora_config_reads_the_models_shape(pythia, capsys):
+    argv = ["train", str(CHAT_LORA), *finetune_overrides(pythia), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # the tiny model's shape from init-from's config.json, not the config's defaults
+    assert "vocab 320 padded" in out and "activation checkpointing on" in out
+    assert "training: LoRA rank 8 on dense, dense_4h_to_h, dense_h_to_4h, query_key_value" in out
+    assert "on this machine (cpu, fp32): memory (estimate)" in out and ": fits" in out
+    assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora-rank=-1"], "lora-rank must be >= 0"),
+        (["load-in-4bit=true"], "needs LoRA adapters"),
+        (["lora-rank=8", "lora-dropout=1"], "lora-dropout must be in"),
+        (["zero-optimization.offload-optimizer.device=nvme"], "not to NVMe"),
+        (
+            ["lora-rank=8", "zero-optimization.offload-optimizer.device=cpu"],
+            "offload_optimizer with LoRA",
+        ),
+    ],
+)
+def test_finetuning_keys_are_checked(overrides, message):
+    with pytest.raises(NeoxlabError, match=message):
+        load_config([], overrides)
+
+
 def test_lora_targets_follow_the_models_own_layer_names():
     config = Config(hidden_size=32, num_layers=2, num_attention_heads=2, seq_length=16)
     model = GPTNeoX(model_config(config, 128))
@@ -321,3 +350,9 @@ def test_estimates_meet_the_targets_for_pythia_1_4b():
     assert lora <= 10 * gib and qlora <= 6 * gib and eight_bit <= 20 * gib
     full = device_bytes("precision=bf16")
     assert full - eight_bit > 7.5 * gib  # 6 bytes less optimizer state per weight
+    offload = memory_check.describe(
+        load_config(pythia, [*shape, "zero-optimization.offload-optimizer.device=cpu"])
+    )
+    assert offload.host_bytes == 16 * offload.parameters  # fp32 weights, gradients, 2 moments
+    assert offload.device_bytes < 5 * gib
+    assert any(line.startswith("host memory (estimate): 21.08 GiB") for line in offload.lines())

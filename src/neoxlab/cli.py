@@ -432,11 +432,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
-        from neoxlab.hf import apply_init_from
+        from neoxlab.hf import apply_init_from, init_from_rows
         from neoxlab.memory_check import dry_run_lines
 
         # init-from decides the model's shape: its config.json is read, not its weights
-        print("\n".join(dry_run_lines(apply_init_from(config, log=lambda _: None))))
+        config = apply_init_from(config, log=lambda _: None)
+        print("\n".join(dry_run_lines(config, init_from_rows(config))))
         return 0
     try:
         result = train(config, config_files=files, resume=resume, progress=not args.no_progress)

@@ -337,6 +337,11 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
     return updated
 
 
+def init_from_rows(config: Config) -> int | None:
+    """The embedding rows of init-from's model (Pythia: 50,304), None without init-from."""
+    return model_source(Path(config.init_from)).vocab_rows if config.init_from else None
+
+
 def init_model(
     config: Config,
     tokenizer: Tokenizer,

@@ -43,6 +43,7 @@ class Machine:
     host_free: int | None
     name: str  # "NVIDIA T4" or "this machine"
     processes_per_host: int = 1  # torchrun's processes on this node share its host memory
+    vocab_rows: int | None = None  # the embedding rows of init-from's model (else from config)
 
 
 def host_available() -> int | None:
@@ -60,15 +61,15 @@ def host_available() -> int | None:
         return None
 
 
-def machine(device: torch.device, precision: str) -> Machine:
+def machine(device: torch.device, precision: str, vocab_rows: int | None = None) -> Machine:
     host = host_available()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return Machine("cuda", precision, free, host, torch.cuda.get_device_name(device), local)
-    return Machine(
-        device.type, precision, host if device.type == "cpu" else None, host, "this machine", local
-    )
+        name = torch.cuda.get_device_name(device)
+        return Machine("cuda", precision, free, host, name, local, vocab_rows)
+    free = host if device.type == "cpu" else None
+    return Machine(device.type, precision, free, host, "this machine", local, vocab_rows)
 
 
 # ---- the verdict --------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def _need(plan: TrainingPlan, where: Machine) -> str:
 
 
 def plan_for(config: Config, where: Machine, world_size: int = 1) -> TrainingPlan:
-    return describe(config, world_size, where.precision, where.device_type)
+    return describe(config, world_size, where.precision, where.device_type, where.vocab_rows)
 
 
 def options(config: Config, where: Machine) -> list[tuple[str, TrainingPlan]]:
@@ -129,10 +130,13 @@ def options(config: Config, where: Machine) -> list[tuple[str, TrainingPlan]]:
         found.append(("checkpoint-activations=true", _replace(config, checkpoint_activations=True)))
     full = not config.lora_rank
     gpu = where.device_type == "cuda"
-    if full and config.optimizer["type"] in ("Adam", "AdamW"):
+    # AdamW8bit cannot step offloaded (FSDP) weights; LoRA is never offloaded
+    offload = config.offload_optimizer()
+    unloaded = {k: v for k, v in config.zero_optimization.items() if k == "stage"}
+    if full and not offload and config.optimizer["type"] in ("Adam", "AdamW"):
         eight_bit = {**config.optimizer, "type": "AdamW8bit"}
         found.append(("optimizer.type=AdamW8bit", _replace(config, optimizer=eight_bit)))
-    if full and gpu and not config.offload_optimizer():
+    if full and gpu and not offload:
         zero = {**config.zero_optimization, "offload_optimizer": {"device": "cpu"}}
         found.append(
             (
@@ -141,7 +145,9 @@ def options(config: Config, where: Machine) -> list[tuple[str, TrainingPlan]]:
             )
         )
     if full and config.init_from:
-        lora = _replace(config, lora_rank=LORA_RANK, checkpoint_activations=True)
+        lora = _replace(
+            config, lora_rank=LORA_RANK, checkpoint_activations=True, zero_optimization=unloaded
+        )
         found.append((f"lora-rank={LORA_RANK} checkpoint-activations=true", lora))
     if gpu and config.init_from and not config.load_in_4bit:
         qlora = _replace(
@@ -149,6 +155,7 @@ def options(config: Config, where: Machine) -> list[tuple[str, TrainingPlan]]:
             lora_rank=config.lora_rank or LORA_RANK,
             load_in_4bit=True,
             checkpoint_activations=True,
+            zero_optimization=unloaded,
         )
         found.append(
             (f"lora-rank={qlora.lora_rank} load-in-4bit=true checkpoint-activations=true", qlora)
@@ -164,17 +171,21 @@ def _replace(config: Config, **changes: object) -> Config:
 
 def more_gpus(config: Config, where: Machine) -> tuple[int, TrainingPlan] | None:
     """The fewest GPUs that FSDP needs to fit (each as free as this one; on a CPU machine,
-    80 GiB GPUs), with its plan; None when sharding does not apply (LoRA) or 64 do not fit."""
-    if config.lora_rank:
+    80 GiB GPUs), with its plan; None when sharding does not apply (LoRA, AdamW8bit) or 64 do
+    not fit."""
+    if config.lora_rank or config.optimizer["type"] == "AdamW8bit":
         return None
-    fsdp = _replace(config, distributed="fsdp")
+    # memory per GPU does not depend on the batch per step (which may not divide by N)
+    fsdp = _replace(
+        config, distributed="fsdp", train_batch_size=None, gradient_accumulation_steps=None
+    )
     gpu = (
         where
         if where.device_type == "cuda"
         else dataclasses.replace(where, device_type="cuda", device_free=80 * GIB, precision="bf16")
     )
     for count in GPU_COUNTS if where.device_type == "cuda" else (1, *GPU_COUNTS):
-        plan = describe(fsdp, count, gpu.precision, "cuda")
+        plan = describe(fsdp, count, gpu.precision, "cuda", where.vocab_rows)
         if fits(plan, gpu):
             return count, plan
     return None
@@ -212,10 +223,11 @@ def check_memory(
     world: World,
     sharded: bool,
     log: Callable[[str], None] = print,
+    vocab_rows: int | None = None,
 ) -> TrainingPlan:
     """The plan of this run, said in one line; a NeoxlabError saying what would fit when it
-    does not fit the free memory."""
-    where = machine(runtime.device, runtime.precision)
+    does not fit the free memory. `vocab_rows`: init-from's embedding rows."""
+    where = machine(runtime.device, runtime.precision, vocab_rows)
     plan = plan_for(config, where, world.world_size if sharded else 1)
     log(summary(plan, where))
     if not fits(plan, where):
@@ -261,10 +273,11 @@ def memory_error(err: RuntimeError, config: Config) -> NeoxlabError | None:
     )
 
 
-def dry_run_lines(config: Config) -> list[str]:
+def dry_run_lines(config: Config, vocab_rows: int | None = None) -> list[str]:
     """What `--dry-run` prints: the plan for the config as given, then whether it fits here
-    (with the precision this machine would train in) and, when it does not, what would."""
-    lines = describe(config).lines()
+    (with the precision this machine would train in) and, when it does not, what would.
+    `vocab_rows`: init-from's embedding rows."""
+    lines = describe(config, vocab_rows=vocab_rows).lines()
     try:
         device = resolve_device(config.device)
     except NeoxlabError as err:  # device=cuda on a machine without one
@@ -272,7 +285,7 @@ def dry_run_lines(config: Config) -> list[str]:
     precision = config.requested_precision()
     if device.type != "cuda" or precision == "auto":
         precision = "fp32" if device.type != "cuda" else ("bf16" if native_bf16(device) else "fp16")
-    where = machine(device, precision)
+    where = machine(device, precision, vocab_rows)
     plan = plan_for(config, where)
     verdict = summary(plan, where) + (": fits" if fits(plan, where) else ": does not fit")
     lines.append(f"on this machine ({device.type}, {precision}): {verdict}")

@@ -33,7 +33,14 @@ from neoxlab.data.batches import Sampler, on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
-from neoxlab.hf import apply_init_from, base_fingerprint, check_base, init_lora_model, init_model
+from neoxlab.hf import (
+    apply_init_from,
+    base_fingerprint,
+    check_base,
+    init_from_rows,
+    init_lora_model,
+    init_model,
+)
 from neoxlab.interrupt import StopOnSignal
 from neoxlab.memory_check import check_memory, memory_error
 from neoxlab.model import GPTNeoX
@@ -257,7 +264,9 @@ class Trainer:
         self.lora = LoraSpec.from_options(config)
         check_lora_runtime(self.lora, self.runtime.device.type, self.sharded, config.init_from)
         # Before any data work: a run that cannot fit stops here, saying what would fit.
-        self.memory = check_memory(config, self.runtime, self.world, self.sharded, log)
+        self.memory = check_memory(
+            config, self.runtime, self.world, self.sharded, log, init_from_rows(config)
+        )
         # LoRA checkpoints hold only adapters: they name the base model and its hash.
         self.base_model = base_fingerprint(config.init_from) if self.lora else None
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
