@@ -188,6 +188,21 @@ def test_finetuning_keys_are_checked(overrides, message):
         load_config([], overrides)
 
 
+def test_deepspeed_offload_block_is_honoured(tmp_path):
+    """gpt-neox/DeepSpeed's own spelling turns offload on instead of being ignored."""
+    config_file = tmp_path / "neox.yml"
+    config_file.write_text(
+        '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", '
+        '"pin_memory": true}, "reduce_bucket_size": 500000000}}'
+    )
+    notices = []
+    config = load_config([config_file], notice=notices.append)
+    assert config.offload_optimizer() and config.zero_optimization["stage"] == 2
+    (warning,) = [n for n in notices if n.startswith("warning")]
+    assert "reduce-bucket-size" in warning and "offload" not in warning
+    assert not load_config([], ["zero-optimization.offload-param.device=none"]).offload_optimizer()
+
+
 def test_lora_targets_follow_the_models_own_layer_names():
     config = Config(hidden_size=32, num_layers=2, num_attention_heads=2, seq_length=16)
     model = GPTNeoX(model_config(config, 128))
