@@ -72,10 +72,6 @@ class LoraSpec:
             options.load_in_4bit,
         )
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
 
 def import_quietly(name: str, purpose: str) -> ModuleType:
     """Import peft or bitsandbytes, or say which extra to install. bitsandbytes logs a warning
