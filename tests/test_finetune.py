@@ -39,8 +39,9 @@ peft = pytest.importorskip("peft")
 
 QUIET = {"progress": False, "log": lambda _: None}
 CHAT_LORA = CHAT_CONFIG.with_name("chat_finetune_lora.yml")
-# finetune_overrides' tiny run (12 steps of 8 x 96 tokens) with the LoRA config's settings
-LORA = ["lr=1e-2", "save-interval=6", "sample-tokens=0"]
+# finetune_overrides' tiny run (12 steps of 8 x 96 tokens, in one micro-batch) with the LoRA
+# config's settings
+LORA = ["micro-batch-size=8", "lr=1e-2", "save-interval=6", "sample-tokens=0"]
 
 
 @pytest.fixture
