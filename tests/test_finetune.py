@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_algorithms import assert_same_state, saved_for_backward
+from test_gpt_neox_config import pythia_file
 from test_hf import (
     CHAT_CONFIG,
     CHAT_EXAMPLE,
@@ -189,16 +190,21 @@ def test_finetuning_keys_are_checked(overrides, message):
         load_config([], overrides)
 
 
-def test_deepspeed_offload_block_is_honoured(tmp_path):
-    """gpt-neox/DeepSpeed's own spelling turns offload on instead of being ignored."""
+@pytest.mark.parametrize(
+    "offload",
+    [{"offload_optimizer": {"device": "cpu", "pin_memory": True}}, {"cpu_offload": True}],
+)
+def test_deepspeed_offload_is_honoured(tmp_path, offload):
+    """gpt-neox's Pythia-160M file with DeepSpeed's offload (either spelling) turns offload on
+    instead of having it ignored; the other ZeRO options are still named in the warning."""
+    neox = pythia_file("160M.yml")
+    zero = {k: v for k, v in neox["zero_optimization"].items() if k != "cpu_offload"}
+    neox["zero_optimization"] = {**zero, **offload}
     config_file = tmp_path / "neox.yml"
-    config_file.write_text(
-        '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", '
-        '"pin_memory": true}, "reduce_bucket_size": 500000000}}'
-    )
+    config_file.write_text(json.dumps(neox))
     notices = []
     config = load_config([config_file], notice=notices.append)
-    assert config.offload_optimizer() and config.zero_optimization["stage"] == 2
+    assert config.offload_optimizer() and config.zero_optimization["stage"] == 1
     (warning,) = [n for n in notices if n.startswith("warning")]
     assert "reduce-bucket-size" in warning and "offload" not in warning
     assert not load_config([], ["zero-optimization.offload-param.device=none"]).offload_optimizer()

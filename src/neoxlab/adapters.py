@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from neoxlab.atomic import give_default_permissions
 from neoxlab.errors import NeoxlabError
 
 FINETUNE_EXTRA = 'pip install "neoxlab[finetune]"'
@@ -255,3 +256,4 @@ def save_peft_adapter(lora_model: Any, folder: Path, base: str) -> None:
     state = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     tensors = {PEFT_PREFIX + name: t.detach().contiguous() for name, t in state.items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    give_default_permissions(folder / "adapter_model.safetensors")

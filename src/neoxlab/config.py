@@ -1038,7 +1038,10 @@ def _translate_neox_keys(flat: dict, put: _Put, origin: str) -> list[str]:
             flat.pop(key)
             dropped.append(key)
     if isinstance(flat.get("zero_optimization"), dict):
-        zero = flat["zero_optimization"]
+        zero = dict(flat["zero_optimization"])
+        if zero.get("cpu_offload") is True:  # DeepSpeed's older spelling of the same offload
+            zero.pop("cpu_offload")
+            zero.setdefault("offload_optimizer", {"device": "cpu"})
         dropped += [f"zero_optimization.{k}" for k in zero if k not in ZERO_KEYS]
         flat["zero_optimization"] = {k: v for k, v in zero.items() if k in ZERO_KEYS}
     return dropped
