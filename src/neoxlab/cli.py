@@ -166,7 +166,7 @@ def _add_prepare_code(corpora: Any) -> None:
 def _add_prepare_jsonl(corpora: Any) -> None:
     jsonl = corpora.add_parser(
         "jsonl",
-        help="jsonl / .jsonl.gz / .jsonl.zst files or folders -> one GPT-NeoX .bin/.idx",
+        help="jsonl (or .json lines) files, .gz/.zst too, or folders -> one GPT-NeoX .bin/.idx",
         description=(
             "Tokenize every record's text (streamed, in parallel) into "
             "PREFIX_{text-key}_document.bin/.idx, the files gpt-neox's preprocess_data.py writes."
@@ -265,6 +265,7 @@ def _add_eval(commands: Any) -> None:
     )
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_no_progress(evaluate)
     evaluate.set_defaults(handler=_cmd_eval)
 
 
@@ -290,6 +291,12 @@ def _add_export(commands: Any) -> None:
     )
     export.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the whole model, "
+        "adapters merged in)",
+    )
     export.set_defaults(handler=_cmd_export)
 
 
@@ -307,7 +314,9 @@ def _add_compare(commands: Any) -> None:
         help="metric to plot, e.g. val/loss, train/loss (repeatable; default val/loss)",
     )
     compare.add_argument(
-        "--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)"
+        "--out",
+        type=Path,
+        help="PNG to write (default comparisons/compare-<yymmdd-HHMMSS>.png, git-ignored)",
     )
     compare.add_argument(
         "--from-step",
@@ -426,9 +435,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
-        from neoxlab.memory import describe
+        from neoxlab.hf import apply_init_from, init_from_rows
+        from neoxlab.memory_check import dry_run_lines
 
-        print("\n".join(describe(config).lines()))
+        # init-from decides the model's shape: its config.json is read, not its weights
+        config = apply_init_from(config, log=lambda _: None)
+        print("\n".join(dry_run_lines(config, init_from_rows(config))))
         return 0
     try:
         result = train(config, config_files=files, resume=resume, progress=not args.no_progress)
@@ -537,12 +549,13 @@ def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from neoxlab.compare import compare
-    from neoxlab.tracking import find_run
+    from neoxlab.compare import compare, default_out
+    from neoxlab.tracking import display_path, find_run
 
     runs = [find_run(spec) for spec in args.runs]
-    print(compare(runs, args.metrics or ["val/loss"], args.out, from_step=args.from_step))
-    print(f"\nwrote {args.out}")
+    out = args.out or default_out()
+    print(compare(runs, args.metrics or ["val/loss"], out, from_step=args.from_step))
+    print(f"\nwrote {display_path(out)}")
     return 0
 
 
@@ -566,7 +579,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, sampler = build_samplers(config, data)
     iters = args.eval_iters or config.eval_iters
     batch_size = config.train_micro_batch_size_per_gpu
-    result = evaluate_run(trained.model, sampler, data, config, batch_size, runtime, iters=iters)
+    result = evaluate_run(
+        trained.model,
+        sampler,
+        data,
+        config,
+        batch_size,
+        runtime,
+        iters=iters,
+        progress=not args.no_progress,
+    )
     step = trained.state["step"]
     print(f"checkpoint: {trained.checkpoint}" + (f" (step {step})" if step is not None else ""))
     print(
@@ -667,8 +689,12 @@ def _chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gene
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from neoxlab.hf import export_hf
+    from neoxlab.hf import export_adapter, export_hf
 
+    if args.adapter:
+        out = export_adapter(args.path, args.out)
+        print(f"load it with peft.PeftModel.from_pretrained(<the base model>, {str(out)!r})")
+        return 0
     out = export_hf(args.path, args.out)
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

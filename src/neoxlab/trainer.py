@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
+from neoxlab.adapters import LoraSpec, check_lora_runtime, load_adapter_weights
 from neoxlab.atomic import remove_temporaries
 from neoxlab.checkpoint import (
     check_model_state,
@@ -32,10 +32,20 @@ from neoxlab.data.batches import Sampler, on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
-from neoxlab.hf import apply_init_from, init_model
+from neoxlab.hf import (
+    apply_init_from,
+    base_fingerprint,
+    check_base,
+    init_from_rows,
+    init_lora_model,
+    init_model,
+)
 from neoxlab.interrupt import StopOnSignal
+from neoxlab.loss_scale import build_grad_scaler
+from neoxlab.memory_check import check_memory, memory_error
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from neoxlab.resume_schedule import schedule_on_resume
 from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
 from neoxlab.tokenizer import encode, load_tokenizer, save_tokenizer
 from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
@@ -98,27 +108,18 @@ def build_model(
     tokenizer: Tokenizer,
     device: torch.device,
     train_device_type: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> GPTNeoX:
     """The model, built on `device` (meta when sharded), to train on `train_device_type` (None:
-    shapes or inference only); see model_config."""
+    shapes or inference only) in `compute_dtype` (QLoRA's 4-bit layers need it); see
+    model_config. With lora-rank, init-from's frozen model with LoRA adapters."""
+    if config.lora_rank:
+        lora = init_lora_model(config, tokenizer, train_device_type, compute_dtype)
+        return lora.model.to(device)
     if config.init_from:
         return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
     return GPTNeoX(model_config(config, vocab, train_device_type)).to(device)
-
-
-def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
-    fp16 = config.fp16
-    static = fp16["loss_scale"] > 0
-    # Sharded gradients: each rank sees only its shard, so overflow must be agreed across ranks.
-    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
-    return scaler_class(
-        runtime.device.type,
-        enabled=runtime.precision == "fp16",
-        init_scale=fp16["loss_scale"] if static else 2.0 ** fp16["initial_scale_power"],
-        # A static loss scale (gpt-neox `loss_scale` > 0) never grows.
-        growth_interval=2**31 - 1 if static else fp16["loss_scale_window"],
-    )
 
 
 def _quiet(message: str) -> None:
@@ -163,7 +164,7 @@ def _runtime_and_world(
             hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
         )
     timeout = datetime.timedelta(seconds=config.distributed_timeout)
-    world, device = distributed.init_world(runtime.device, timeout)
+    world, device = distributed.init_world(runtime.device, timeout, config.offload_optimizer())
     return dataclasses.replace(runtime, device=device), world
 
 
@@ -244,7 +245,17 @@ class Trainer:
         # init-from decides the architecture and tokenizer; the run's config.yml records them
         self.config = config = apply_init_from(config, log)
         self.runtime, self.world = _runtime_and_world(config, log)
-        self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
+        # FSDP2 shards across ranks, or offloads to host memory (one process included)
+        fsdp = self.world.distributed and config.distributed_mode() == "fsdp"
+        self.sharded = fsdp or config.offload_optimizer()
+        self.lora = LoraSpec.from_options(config)
+        check_lora_runtime(self.lora, self.runtime.device.type, self.sharded, config.init_from)
+        # Before any data work: a run that cannot fit stops here, saying what would fit.
+        self.memory = check_memory(
+            config, self.runtime, self.world, self.sharded, log, init_from_rows(config)
+        )
+        # LoRA checkpoints hold only adapters: they name the base model and its hash.
+        self.base_model = base_fingerprint(config.init_from) if self.lora else None
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
             self.world.world_size
         )
@@ -252,7 +263,10 @@ class Trainer:
         self.data: PreparedData = self._prepare_data()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
+        # Sharded gradients: each rank sees only its shard, so overflow is agreed across ranks.
+        self.scaler = build_grad_scaler(
+            self.runtime.device.type, self.runtime.precision == "fp16", config.fp16, self.sharded
+        )
         self.step = 0
         self.tokens = 0
         self.best_val_loss: float | None = None
@@ -283,12 +297,15 @@ class Trainer:
     def _build_model(self) -> GPTNeoX:
         device = self.runtime.device
         if not self.sharded:
-            return build_model(self.config, self.data.tokenizer, device, device.type)
+            return build_model(
+                self.config, self.data.tokenizer, device, device.type, self.runtime.dtype
+            )
         return distributed.build_sharded(
             lambda where: build_model(self.config, self.data.tokenizer, where, device.type),
             self.world,
             self.runtime.device,
             self.runtime.dtype,
+            offload=self.config.offload_optimizer(),
         )
 
     def _build_samplers(self) -> tuple[Sampler, Sampler]:
@@ -304,14 +321,24 @@ class Trainer:
         # another rank's view of a shared filesystem may lag (NFS caches directory listings),
         # and ranks that started from different steps would train on different batches.
         checkpoint, state = distributed.decided_by_main(self._checkpoint_to_resume, self.world)
-        # Rank 0 reads the full state; load_full_state hands each rank its part.
+        # Rank 0 reads the full state; load_full_state hands each rank its part. LoRA adapters
+        # are megabytes and never sharded: every rank reads them.
         weights, training = {}, {}
-        if self.world.is_main:
+        if self.world.is_main or self.lora:
             weights = load_weights(checkpoint)
+        if self.lora:
+            load_adapter_weights(self.model, weights, checkpoint)
+        elif self.world.is_main:
             check_model_state(self.model, weights, checkpoint)
+        if self.world.is_main:
             training = load_training_state(checkpoint)
         distributed.load_full_state(
-            self.model, self.optimizer, weights, training.get("optimizer", {}), self.world
+            self.model,
+            self.optimizer,
+            weights,
+            training.get("optimizer", {}),
+            self.world,
+            optimizer_only=self.lora is not None,
         )
         small = distributed.broadcast_from_main(
             {"scaler": training.get("scaler"), "rng": training.get("rng")}, self.world
@@ -329,6 +356,7 @@ class Trainer:
             self.log(
                 f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
             )
+        self.config = schedule_on_resume(self.config, state["config"], self.log)
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]]:
@@ -349,7 +377,10 @@ class Trainer:
                 hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
                 "or start a new run under another --name",
             )
-        return checkpoint, read_state(checkpoint)
+        state = read_state(checkpoint)
+        if self.base_model is not None:
+            check_base(state.get("base_model"), self.base_model, checkpoint)
+        return checkpoint, state
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -357,6 +388,7 @@ class Trainer:
         """Train from the current step to train-iters, or to the next exit-interval multiple."""
         loop = self._start()
         signals = StopOnSignal(self.world, self.runtime.device, loop.progress.write).install()
+        ended = False  # the loop came to an end (or stopped the run itself): a summary is due
         try:
             while self.step < loop.end:
                 loss, grad_norm = self._train_step(loop.model)
@@ -366,9 +398,17 @@ class Trainer:
                 if stop:
                     self.stopped_by = signal.Signals(stop).name
                     break
+            ended = True
+        except NeoxlabError:
+            ended = True  # diverged, or could not save: the run ends here, and says why
+            raise
+        except RuntimeError as error:
+            if distributed.is_peer_failure(error, self.world):
+                raise self._peer_failed(error) from None
+            raise
         finally:
             signals.restore()
-            self._finish(loop)
+            self._finish(loop, ended)
         return TrainResult(
             self.run_dir,
             self.step,
@@ -389,8 +429,10 @@ class Trainer:
             model = distributed.wrap_ddp(model, self.runtime.device)
         model = self.runtime.compiled(model)
         end = self._end_step()
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        adapters = f" ({trained:,} trained: LoRA adapters)" if self.lora else ""
         self.log(
-            f"run {self.run_dir} | {self.model.num_parameters():,} parameters | "
+            f"run {self.run_dir} | {self.model.num_parameters():,} parameters{adapters} | "
             f"{self.runtime.device.type} {self.runtime.precision}"
             f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
             f"{self.config.seq_length} tokens ({self.accumulation} micro-batches of "
@@ -399,8 +441,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if not resumed and self.step < end:
             last_eval = self._eval_and_log(tracker, progress=None)
+        tokens_per_step = self.global_batch * self.config.seq_length
         progress = (
-            Progress(end, self.step, enabled=self.show_progress)
+            Progress(end, self.step, tokens_per_step, enabled=self.show_progress)
             if self.world.is_main
             else _Silent()
         )
@@ -477,7 +520,7 @@ class Trainer:
         step_tokens = self.global_batch * self.config.seq_length
         self.tokens += step_tokens
         loop.window_tokens += step_tokens
-        loop.progress.advance()
+        loop.progress.advance(lr_at(self.step - 1, self.config))
 
     def _log_eval_save(
         self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
@@ -494,6 +537,8 @@ class Trainer:
             self._check_health()
         if logging:
             self._log_train(loop, loss, grad_norm)
+        if last:
+            loop.progress.close()  # the final bar prints once, above what the end writes
         pause_start = time.perf_counter()
         if evaluating:
             loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
@@ -524,9 +569,7 @@ class Trainer:
                 loop.flops_per_token, tokens_per_second, loop.peak_flops, self.world.world_size
             )
         loop.tracker.log(record)
-        loop.progress.show(
-            loop.train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
-        )
+        loop.progress.logged(loop.train_loss, tokens_per_second, record.get("train/mfu"))
         loop.window_start, loop.window_tokens = time.perf_counter(), 0
 
     def _eval_and_log(
@@ -554,8 +597,19 @@ class Trainer:
             write(f"--- sample at step {self.step} ---\n{sample}\n---")
         return result
 
-    def _finish(self, loop: _LoopState) -> None:
+    def _peer_failed(self, error: RuntimeError) -> NeoxlabError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        return NeoxlabError(
+            f"another process of this job failed during step {self.step + 1} ({first_line})",
+            hint="its own error says why (torchrun names the failed rank); fix that, then "
+            f"continue from the last checkpoint: neoxlab train --resume {self.run_dir}",
+        )
+
+    def _finish(self, loop: _LoopState, ended: bool) -> None:
         loop.progress.close()
+        if not ended:
+            loop.tracker.abandon()
+            return
         summary = {
             "step": self.step,
             "tokens": self.tokens,
@@ -580,6 +634,7 @@ class Trainer:
             "neoxlab_version": __version__,
             "tokenizer_vocab_size": self.data.tokenizer.get_vocab_size(),
             "wandb_run": self.wandb_run,
+            "base_model": self.base_model,  # LoRA: the model the adapters belong to
         }
 
     def save(self) -> Path | None:
@@ -588,7 +643,9 @@ class Trainer:
             return None
         self._check_health()  # never write the weights of a diverged run
         # Every rank joins the gather; rank 0 writes the same folder a single process writes.
-        weights, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        weights, optimizer_state = distributed.full_state(
+            self.model, self.optimizer, trainable_only=self.lora is not None
+        )
         path = None
         if self.world.is_main:
             training_state = {
@@ -674,5 +731,12 @@ class Trainer:
 
 
 def train(config: Config, **kwargs: Any) -> TrainResult:
-    """Build a Trainer and run it (see Trainer for the keyword arguments)."""
-    return Trainer(config, **kwargs).run()
+    """Build a Trainer and run it (see Trainer for the keyword arguments). Running out of
+    memory after all is a NeoxlabError that says what would fit."""
+    try:
+        return Trainer(config, **kwargs).run()
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        error = memory_error(err, config)
+        if error is None:
+            raise
+        raise error from None
