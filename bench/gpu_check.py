@@ -62,10 +62,10 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend
 
-from neoxlab import trainer as trainer_module
 from neoxlab.checkpoint import latest_checkpoint, read_state
 from neoxlab.data.batches import DeviceWindowSampler, WindowSampler
 from neoxlab.hf import export_hf, load_trained
+from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.model import LOSS_CHUNK_ELEMENTS, GPTNeoX, ModelConfig
 from neoxlab.runtime import ATTENTION_NAMES, resolve_runtime
 from neoxlab.tracking import read_metrics
@@ -175,7 +175,7 @@ def trainer_for(
         trainer = Trainer(config, resume=resume, progress=False, log=common.quiet)
     if precision and trainer.runtime.device.type == "cpu":
         trainer.runtime = dataclasses.replace(trainer.runtime, precision=precision)
-        trainer.scaler = trainer_module._scaler(trainer.config, trainer.runtime)
+        trainer.scaler = build_grad_scaler("cpu", True, trainer.config.fp16)
     elif precision and trainer.runtime.precision != precision:
         raise CheckFailed(f"the runtime chose {trainer.runtime.precision}, not {precision}")
     return trainer
