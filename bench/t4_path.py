@@ -65,7 +65,7 @@ def measure(name: str, folder, steps: int, warmup: int, smoke: bool) -> list[obj
         result = throughput.train_neoxlab(config, warmup)
     device = common.bench_device(smoke)
     reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    estimate = describe(config).total_bytes / GIB
+    estimate = describe(config).device_bytes / GIB
     fits = "-" if reserved is None else ("yes" if reserved <= T4_LIMIT_GIB else "no")
     return [
         name,

@@ -28,6 +28,11 @@ SCRIPTS = {
     "prepare_jsonl": ([], "Data preparation: `neoxlab prepare jsonl`", 2),
     "prepare_ceiling": ([], "Data preparation: pipeline vs tokenizer ceiling, peak memory", 5),
     "cpu_ratio": ([], "CPU: neoxlab vs transformers training step", 2),
+    "finetune_memory": (
+        ["--options", "lora", "qlora"],
+        "Finetuning Pythia-1.4B on one GPU: peak memory vs estimate",
+        2,
+    ),
 }
 
 
