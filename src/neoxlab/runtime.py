@@ -134,6 +134,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability >= 8.0 (not
+    torch.cuda.is_bf16_supported(), which counts emulation and says True on a T4)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= AMPERE
+
+
 def choose_precision(
     device_type: str, capability: tuple[int, int] | None, requested: str, notice=print
 ) -> str:
@@ -144,11 +150,10 @@ def choose_precision(
         if requested in ("fp16", "bf16"):
             notice(f"note: {requested} requested but running on {device_type}: training in fp32")
         return "fp32"
-    # Not torch.cuda.is_bf16_supported(): it counts emulation, and says True on a T4.
-    native_bf16 = capability is not None and capability >= AMPERE
+    bf16 = capability is not None and capability >= AMPERE  # see native_bf16
     if requested == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    if requested == "bf16" and not native_bf16:
+        return "bf16" if bf16 else "fp16"
+    if requested == "bf16" and not bf16:
         raise NeoxlabError(
             "bf16 was requested but this GPU has no native bf16",
             hint="use fp16 (the GradScaler handles overflow) or precision=auto",
