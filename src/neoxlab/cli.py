@@ -332,6 +332,12 @@ def _add_export(commands: Any) -> None:
     )
     export.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the whole model, "
+        "adapters merged in)",
+    )
     export.set_defaults(handler=_cmd_export)
 
 
@@ -470,9 +476,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
-        from neoxlab.memory import describe
+        from neoxlab.hf import apply_init_from, init_from_rows
+        from neoxlab.memory_check import dry_run_lines
 
-        print("\n".join(describe(config).lines()))
+        # init-from decides the model's shape: its config.json is read, not its weights
+        config = apply_init_from(config, log=lambda _: None)
+        print("\n".join(dry_run_lines(config, init_from_rows(config))))
         return 0
     try:
         result = train(config, config_files=files, resume=resume, progress=not args.no_progress)
@@ -516,26 +525,20 @@ def _shell_quote(text: str) -> str:
 
 
 def _resumable_run(run_name: str | None) -> Path | None:
-    """`--resume auto` (and gpt-neox's `load: latest`): the run under runs/ (named `run_name`,
-    when set) holding the newest complete checkpoint; None, saying so, when there is none.
+    """`--resume auto` (and gpt-neox's `load: latest`): see checkpoint.resumable_run; None,
+    saying so, when there is nothing to resume."""
+    from neoxlab.checkpoint import resumable_run
+    from neoxlab.tracking import RUNS_DIR
 
-    The same command can so be rerun after any stop (a preempted cloud VM, a Slurm requeue,
-    a torchrun restart) and continues where the last complete checkpoint left off."""
-    from neoxlab.checkpoint import run_checkpoint
-    from neoxlab.tracking import RUNS_DIR, runs_under
-
-    base = Path.cwd() / RUNS_DIR
-    written = []  # (when its newest complete checkpoint was written, run)
-    for run in runs_under(base, run_name):
-        checkpoint = run_checkpoint(run)
-        if checkpoint is not None:
-            written.append(((checkpoint / "state.json").stat().st_mtime, run))
-    if not written:
+    run = resumable_run(run_name)
+    if run is None:
         named = f" named {run_name}" if run_name else ""
-        message = f"note: no run{named} under {base} has a checkpoint: starting a new run"
-        print(message, file=sys.stderr)
-        return None
-    return max(written)[1]  # the trainer says which checkpoint it resumes from
+        base = Path.cwd() / RUNS_DIR
+        print(
+            f"note: no run{named} under {base} has a checkpoint: starting a new run",
+            file=sys.stderr,
+        )
+    return run  # the trainer says which checkpoint it resumes from
 
 
 def _run_to_load(load: str, is_main: bool) -> Path | None:
@@ -780,8 +783,12 @@ def _chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gene
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from neoxlab.hf import export_hf
+    from neoxlab.hf import export_adapter, export_hf
 
+    if args.adapter:
+        out = export_adapter(args.path, args.out)
+        print(f"load it with peft.PeftModel.from_pretrained(<the base model>, {str(out)!r})")
+        return 0
     out = export_hf(args.path, args.out)
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -800,10 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.handler(args)
     except NeoxlabError as err:
-        message = f"error: {err.message}"
-        if err.hint:
-            message += f" (hint: {err.hint})"
-        print(textwrap.shorten(message, 2000), file=sys.stderr)
+        print(textwrap.shorten(err.line(), 2000), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
