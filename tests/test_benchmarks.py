@@ -6,14 +6,17 @@ lm-eval is slow to import and to index its tasks (seconds), so one tiny trained 
 module and every evaluation keeps to a few documents per task.
 """
 
+import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MODEL
 from test_tracking import leet, wandb_home  # noqa: F401 (a fixture)
 
@@ -21,6 +24,7 @@ from neoxlab import cli
 from neoxlab.config import load_config
 from neoxlab.data.benchmark_data import shakespeare_last_word
 from neoxlab.errors import NeoxlabError
+from neoxlab.hf import load_trained, transformers_model
 from neoxlab.tokenizer import load_tokenizer
 from neoxlab.tracking import read_metrics
 
@@ -269,3 +273,60 @@ def test_two_ranks_benchmark_once_and_do_not_hang(tiny_corpus, tmp_path):
     benchmarked = [m for m in read_metrics(run) if "benchmarks/shakespeare_next_line/acc" in m]
     assert [m["step"] for m in benchmarked] == [4]
     assert [p.name for p in (run / "benchmarks").iterdir()] == ["step_0000004.json"]
+
+
+def test_a_lora_run_is_benchmarked_with_its_adapters_merged(tmp_path, monkeypatch):
+    """eval-tasks while LoRA trains scores the merged weights (the training model untouched),
+    and `neoxlab eval RUN --tasks` on the finished run (adapters merged on loading) agrees."""
+    pytest.importorskip("peft")
+    from test_finetune import CHAT_LORA, LORA
+    from test_hf import CHAT_EXAMPLE, finetune_overrides, make_tiny_pythia
+
+    shutil.copyfile(CHAT_EXAMPLE, tmp_path / CHAT_EXAMPLE.name)
+    base = make_tiny_pythia(tmp_path / "tiny-pythia")
+    tasks = "shakespeare_last_word,shakespeare_next_line"
+    benchmarked = [f"eval-tasks={tasks}", "eval-tasks-limit=2"]
+    benchmarked += [f"eval-tasks-include-path={TASKS_DIR}"]
+    steps = ["train-iters=2", "eval-interval=2", "save-interval=2", "sample-tokens=0"]
+    overrides = finetune_overrides(base, *LORA, *steps, *benchmarked)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", str(CHAT_LORA), *overrides, "--no-progress"]) == 0
+    run = only_run(tmp_path)
+    in_training = json.loads((run / "benchmarks" / "step_0000002.json").read_text())
+
+    output = tmp_path / "after.json"
+    argv = ["eval", str(run), "--tasks", tasks, "--include-path", str(TASKS_DIR)]
+    assert cli.main([*argv, "--limit", "2", "--device", "cpu", "--output", str(output)]) == 0
+    after = json.loads(output.read_text())
+    perplexity = after["results"]["shakespeare_last_word"]["perplexity,none"]
+    assert in_training["results"]["shakespeare_last_word"]["perplexity,none"] == pytest.approx(
+        perplexity, rel=1e-5
+    )
+    assert (
+        in_training["results"]["shakespeare_next_line"] == after["results"]["shakespeare_next_line"]
+    )
+
+
+def test_merged_weights_are_peft_merge_and_unload_s(tmp_path):
+    pytest.importorskip("peft")
+    from test_hf import make_tiny_pythia
+
+    from neoxlab.adapters import LoraSpec, add_lora, merged, merged_weights
+
+    pythia = make_tiny_pythia(tmp_path / "tiny-pythia")
+    trained = load_trained(pythia, torch.device("cpu"))
+    model = trained.model
+    lora = add_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=0.0, targets=None))
+    # its own tensors (LoRA's names) are refused, not loaded into a half-random model
+    with pytest.raises(NeoxlabError, match="do not fit GPTNeoXForCausalLM: missing_keys"):
+        transformers_model(trained)
+    with torch.no_grad():  # B starts at zero: the adapters would add nothing
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    weights = merged_weights(model)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())  # untouched
+    expected = merged(copy.deepcopy(lora)).state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)

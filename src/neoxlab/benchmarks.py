@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from neoxlab import distributed
+from neoxlab.adapters import merged_weights
 from neoxlab.benchmark_results import (
     TABLE_COLUMNS,
     metric_values,
@@ -351,9 +352,7 @@ class TrainingBenchmarks:
         write: Callable[[str], None],
     ) -> None:
         """Benchmark `model` at `step` (every rank calls this; rank 0 evaluates)."""
-        sharded = self.world.distributed and self.config.distributed_mode() == "fsdp"
-        # every rank joins the gather of a sharded model; rank 0 alone receives the weights
-        weights = distributed.full_weights(model) if sharded else None
+        weights = self._weights(model)
 
         def evaluate() -> tuple[dict[str, float], list[list[Any]], str]:
             trained = TrainedModel(model, tokenizer, self.config, run_dir, {"step": step})
@@ -373,3 +372,13 @@ class TrainingBenchmarks:
         tracker.log({"step": step, "tokens": tokens, **metrics})
         tracker.log_table("benchmarks/table", TABLE_COLUMNS, rows, step)
         write(f"step {step}: benchmarks {line}")
+
+    def _weights(self, model: GPTNeoX) -> dict[str, torch.Tensor] | None:
+        """The weights to evaluate where they are not the model's own tensors: a sharded
+        model's, gathered (every rank joins; rank 0 alone receives them), or a LoRA model's
+        with the adapters added, as its export holds them."""
+        if self.world.distributed and self.config.distributed_mode() == "fsdp":
+            return distributed.full_weights(model)
+        if self.config.lora_rank:
+            return merged_weights(model) if self.world.is_main else None
+        return None

@@ -560,7 +560,16 @@ def transformers_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model_class = getattr(transformers, config.architectures[0])
     weights = export_weights(trained) if weights is None else weights
-    model = model_class.from_pretrained(None, config=config, state_dict=weights)
+    model, loading = model_class.from_pretrained(
+        None, config=config, state_dict=weights, output_loading_info=True
+    )
+    # transformers fills a weight it was not given with random values, and only warns
+    wrong = [f"{kind} {sorted(map(str, names))[:3]}" for kind, names in loading.items() if names]
+    if wrong:
+        raise NeoxlabError(
+            f"the weights of {trained.checkpoint} do not fit {model_class.__name__}: "
+            + "; ".join(wrong)
+        )
     model.config.name_or_path = str(trained.checkpoint)  # what lm-eval reports as the model
     return model.eval(), tokenizer
 
