@@ -157,6 +157,40 @@ def test_unknown_task_is_one_line_naming_close_matches(tiny_run, capsys):
     assert "close matches: shakespeare_last_word" in err and "--include-path" in err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--limit", "0"), "--limit must be a positive number of documents"),
+        (("--limit", "-2"), "--limit must be a positive number of documents"),
+        (("--num-fewshot", "-1"), "--num-fewshot must be 0 or more"),
+        (("--include-path", "no-such-folder"), "include path no-such-folder is not a folder"),
+    ],
+)
+def test_bad_options_are_one_line_and_write_nothing(tiny_run, extra, message, capsys):
+    saved_before = sorted((tiny_run / "benchmarks").glob("*"))
+    argv = ["eval", str(tiny_run), "--tasks", "shakespeare_next_line"]
+    if "--include-path" not in extra:
+        argv += ["--include-path", str(TASKS_DIR)]
+    assert cli.main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}")
+    assert sorted((tiny_run / "benchmarks").glob("*")) == saved_before
+
+
+def test_a_model_whose_tokenizer_does_not_fit_is_one_line(tiny_run, tmp_path, capsys):
+    from neoxlab.tokenizer import save_tokenizer, train_bpe
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(next((tiny_run / "checkpoints").iterdir()), checkpoint)
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    save_tokenizer(train_bpe([text], 600), checkpoint)  # more tokens than the model has rows
+    argv = benchmark_argv(checkpoint, "shakespeare_next_line", "--output", tmp_path / "out.json")
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different model shape or tokenizer" in err, err
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_hub_task_without_its_data_is_one_line(tiny_run, monkeypatch, capsys):
     import datasets
     import huggingface_hub.constants

@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -193,8 +194,21 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def check_options(options: BenchmarkOptions) -> None:
+    """lm-eval's knobs within what they mean: it would read a limit of 0 as no limit at all."""
+    limit = options.limit
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise NeoxlabError(
+            f"--limit must be a positive number of documents (or a fraction < 1), got {limit:g}",
+            hint="leave --limit out to score every document",
+        )
+    if options.num_fewshot is not None and options.num_fewshot < 0:
+        raise NeoxlabError(f"--num-fewshot must be 0 or more, got {options.num_fewshot}")
+
+
 def prepare_tasks(options: BenchmarkOptions) -> list[str]:
     """The names `options.tasks` stand for, each task built once (see load_tasks)."""
+    check_options(options)
     names = resolve_tasks(options)
     load_tasks(names, options)
     return names
