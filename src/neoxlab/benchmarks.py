@@ -12,8 +12,9 @@ benchmarked the same way. An `LM` of our own over model.py would be faster on lo
 windows (KV cache), but it would copy HFLM's request handling, and miss its later fixes, for
 scores that could drift from everybody else's.
 
-Under torchrun, rank 0 evaluates (on gathered weights when the model is sharded) while the other
-ranks wait for its results or its error, so nothing is evaluated or logged twice.
+A LoRA model is scored with its adapters merged (adapters.merged_weights), as its export holds
+it. Under torchrun, rank 0 evaluates (on gathered weights when the model is sharded) while the
+other ranks wait for its results or its error, so nothing is evaluated or logged twice.
 """
 
 from __future__ import annotations
