@@ -318,7 +318,7 @@ def test_a_lora_run_is_benchmarked_with_its_adapters_merged(tmp_path, monkeypatc
 
     shutil.copyfile(CHAT_EXAMPLE, tmp_path / CHAT_EXAMPLE.name)
     base = make_tiny_pythia(tmp_path / "tiny-pythia")
-    tasks = "shakespeare_last_word,shakespeare_next_line"
+    tasks = "shakespeare_last_word"  # its perplexity moves with every weight
     benchmarked = [f"eval-tasks={tasks}", "eval-tasks-limit=2"]
     benchmarked += [f"eval-tasks-include-path={TASKS_DIR}"]
     steps = ["train-iters=2", "eval-interval=2", "save-interval=2", "sample-tokens=0"]
@@ -335,9 +335,6 @@ def test_a_lora_run_is_benchmarked_with_its_adapters_merged(tmp_path, monkeypatc
     perplexity = after["results"]["shakespeare_last_word"]["perplexity,none"]
     assert in_training["results"]["shakespeare_last_word"]["perplexity,none"] == pytest.approx(
         perplexity, rel=1e-5
-    )
-    assert (
-        in_training["results"]["shakespeare_next_line"] == after["results"]["shakespeare_next_line"]
     )
 
 
