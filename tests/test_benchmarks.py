@@ -26,7 +26,7 @@ from neoxlab.data.benchmark_data import shakespeare_last_word
 from neoxlab.errors import NeoxlabError
 from neoxlab.hf import load_trained, transformers_model
 from neoxlab.tokenizer import load_tokenizer
-from neoxlab.tracking import read_metrics
+from neoxlab.tracking import display_path, read_metrics
 
 pytest.importorskip("lm_eval")
 
@@ -74,7 +74,7 @@ def test_scores_equal_lm_eval_run_on_the_export(tiny_run, tmp_path, monkeypatch,
     assert cli.main([str(a) for a in argv]) == 0
     printed = capsys.readouterr().out
     assert "|shakespeare_next_line" in printed and "acc_norm" in printed  # lm-eval's table
-    assert f"wrote {ours}" in printed
+    assert f"wrote {display_path(ours)}" in printed  # relative to the working directory
 
     export = tmp_path / "export"
     assert cli.main(["export", str(tiny_run), "--out", str(export)]) == 0
@@ -114,7 +114,7 @@ def test_scores_equal_lm_eval_run_on_the_export(tiny_run, tmp_path, monkeypatch,
 def test_results_go_to_the_run_by_default_and_options_need_tasks(tiny_run, capsys):
     assert cli.main(benchmark_argv(tiny_run, "shakespeare_next_line", "--limit", "2")) == 0
     saved = tiny_run / "benchmarks" / "step_0000004.json"
-    assert f"wrote {saved}" in capsys.readouterr().out
+    assert f"wrote {display_path(saved)}" in capsys.readouterr().out
     results = json.loads(saved.read_text())["results"]["shakespeare_next_line"]
     assert set(results) >= {"acc,none", "acc_norm,none", "acc_stderr,none"}
 

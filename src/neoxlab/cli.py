@@ -626,6 +626,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     )
     from neoxlab.hf import load_trained
     from neoxlab.runtime import resolve_runtime
+    from neoxlab.tracking import display_path
 
     if args.overrides or args.eval_iters is not None:
         raise NeoxlabError(
@@ -649,7 +650,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         print("not saved (a Hugging Face folder has no run directory): add --output FILE.json")
     else:
         write_results(output, results_json(results))
-        print(f"wrote {output}")
+        print(f"wrote {display_path(output)}")
     return 0
 
 
