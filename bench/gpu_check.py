@@ -9,12 +9,14 @@ default and reduce-overhead (CUDA graphs, with gradient accumulation) modes agai
 chunked loss, the device-resident sampler, KV-cache generation, greedy parity with
 transformers, exact resume (dropout on: the CUDA RNG state), torchrun DDP and FSDP2 over NCCL
 in a world of one process, which SDPA kernel runs, LoRA in fp16 (the T4's finetuning), QLoRA
-(nf4 base weights; CUDA only) and 8-bit AdamW (close to AdamW, exact resume). Then speed, at the full scripts' shapes
-with shorter runs and steady-state windows after a warm-up: the baby GPT (baby_gpt.py) and the
-Pythia-160M shape with its MFU (pythia160m.py), neoxlab against transformers; KV-cache
-generation at batch 1 and 16 (generate.py); the notebooks' configs as a T4 runs them, with
-their peak memory (t4_path.py). Every corpus is random tokens of the real vocabulary size
-(speed and memory depend on shapes only), so nothing has to be downloaded.
+(nf4 base weights; CUDA only), 8-bit AdamW (close to AdamW, exact resume), and lm-eval's
+scores of an offline task (`neoxlab eval --tasks`) against the CPU's. Then speed, at the full
+scripts' shapes with shorter runs and steady-state windows after a warm-up: the baby GPT
+(baby_gpt.py) and the Pythia-160M shape with its MFU (pythia160m.py), neoxlab against
+transformers; KV-cache generation at batch 1 and 16 (generate.py); the notebooks' configs as a
+T4 runs them, with their peak memory (t4_path.py). Every corpus is random tokens of the real
+vocabulary size (speed and memory depend on shapes only), but the lm-eval check's (this
+Python's standard library), so nothing has to be downloaded.
 
 Each check and measurement runs in a process of its own (a crash, a hang or a poisoned CUDA
 context stays there; `--inline` runs them all in this one), under its time limit and the run's
@@ -63,8 +65,12 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend
 
+from neoxlab.benchmark_results import metric_values
+from neoxlab.benchmarks import BenchmarkOptions, evaluate_model, import_lm_eval, prepare_tasks
 from neoxlab.checkpoint import latest_checkpoint, read_state
 from neoxlab.data.batches import DeviceWindowSampler, WindowSampler
+from neoxlab.data.benchmark_data import python_stdlib_perplexity
+from neoxlab.errors import NeoxlabError
 from neoxlab.hf import export_hf, load_trained
 from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.model import LOSS_CHUNK_ELEMENTS, GPTNeoX, ModelConfig
@@ -100,6 +106,7 @@ CHECK_RUN = [
 INIT_FROM_BRINGS = {"hidden-size", "num-layers", "num-attention-heads", "max-position-embeddings"}
 # Loss agreement between two runs of the same steps, by precision (bf16 and TF32 round early).
 LOSS_TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
+LM_EVAL_TRAIN_FILES = 40  # of the task's documents: the check's model trains on them
 GRAD_NORM_TOLERANCE = 0.05  # relative: Adam hides a scaled gradient from the losses, not the norm
 # The aten operator each SDPA kernel runs as (the CPU's flash kernel included).
 KERNEL_OPERATORS = {
@@ -553,6 +560,40 @@ def check_sdpa_kernel(context: Context) -> str:
     return f"{ATTENTION_NAMES[kernel]} ({trainer.runtime.precision}), as the runtime says"
 
 
+def check_lm_eval(context: Context) -> str:
+    """`neoxlab eval --tasks` on this device scores as on the CPU: lm-eval's rolling perplexity
+    over the offline python_stdlib_perplexity task (this Python's own files: nothing to
+    download), for a model trained a few steps on the task's first files."""
+    try:
+        import_lm_eval()
+    except NeoxlabError as missing:
+        raise Skip(f"{missing}: add its wheels (bench/gpu_wheels.txt)") from None
+    texts = python_stdlib_perplexity()["test"]["text"][:LM_EVAL_TRAIN_FILES]
+    corpus = context.folder / "stdlib.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    data = [f"data-path={corpus}", "tokenizer-type=bpe", "vocab-size=300"]
+    data += [f"vocab-file={context.folder / 'stdlib-tokenizer.json'}"]
+    trainer = run(trainer_for(context, *data, "save=checkpoints", "save-interval=6"))
+    checkpoint = latest_checkpoint(trainer.run_dir / "checkpoints")
+    documents = 2 if context.smoke else 4
+    options = BenchmarkOptions(
+        ("python_stdlib_perplexity",), str(common.REPO / "benchmarks"), documents, batch_size=16
+    )
+    names = prepare_tasks(options)
+    scores = {}
+    for device in (torch.device("cpu"), context.device):
+        with exact_matmuls():
+            trained = load_trained(checkpoint, device)
+            results = evaluate_model(trained, options, names, quiet=True)
+        scores[device.type] = metric_values(results)
+    cpu, here = scores["cpu"], scores[context.device.type]
+    worst = max(abs(here[name] - value) / abs(value) for name, value in cpu.items())
+    if cpu.keys() != here.keys() or not worst <= 1e-4:  # NaN fails too
+        raise CheckFailed(f"{context.device.type} {here} against the CPU's {cpu}")
+    bits = here["benchmarks/python_stdlib_perplexity/bits_per_byte"]
+    return f"{documents} files, {bits:.3f} bits/byte: within {worst:.1e} (relative) of the CPU"
+
+
 def lora_base(context: Context) -> Path:
     """A transformers GPTNeoX folder of the checks' model after one step: the frozen base the
     adapter checks train on (init-from), built once per process."""
@@ -744,6 +785,7 @@ CHECKS: dict[str, Callable[[Context], str]] = {
     "lora": check_lora,
     "qlora": check_qlora,
     "adamw8bit": check_adamw8bit,
+    "lm-eval": check_lm_eval,
 }
 SPEED: dict[str, Callable[[Context], list[list[str]]]] = {
     "speed-baby-gpt": speed_baby_gpt,

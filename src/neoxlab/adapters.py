@@ -242,6 +242,32 @@ def merged(lora_model: Any) -> nn.Module:
     return lora_model.merge_and_unload()
 
 
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `merged` would make of a model with LoRA layers, as weights by the base model's
+    names, leaving `model` untouched: a run still training is benchmarked on these (merging in
+    place and back would round its frozen weights). A 4-bit base weight is dequantized first."""
+    lora = import_quietly("peft.tuners.lora", "LoRA (lora-rank > 0)")
+    from peft.utils.integrations import dequantize_module_weight
+
+    weights = {
+        name.replace(".base_layer.", "."): tensor.detach()
+        for name, tensor in model.state_dict().items()
+        if "lora_" not in name and not _quantization_state(name)
+    }
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, lora.LoraLayer):
+                base = dequantize_module_weight(layer.get_base_layer())
+                delta = layer.get_delta_weight(ADAPTER_NAME)
+                weights[f"{name}.weight"] = base + delta.to(base.dtype)
+    return weights
+
+
+def _quantization_state(name: str) -> bool:
+    """bitsandbytes' 4-bit bookkeeping beside a quantized weight (absmax, quant_map, ...)."""
+    return ".base_layer.weight." in name
+
+
 def save_peft_adapter(lora_model: Any, folder: Path, base: str) -> None:
     """Write `folder` as PEFT's save_pretrained writes it: adapter_config.json and
     adapter_model.safetensors, which `peft.PeftModel.from_pretrained(<base model>, folder)`

@@ -253,7 +253,12 @@ def _add_train(commands: Any) -> None:
 
 def _add_eval(commands: Any) -> None:
     evaluate = commands.add_parser(
-        "eval", help="validation loss, perplexity and accuracy (and code metrics)"
+        "eval",
+        help="validation loss, perplexity and accuracy (and code metrics), or lm-eval "
+        "benchmarks (--tasks)",
+        description="Without --tasks: the validation loss, perplexity and next-token accuracy "
+        "(and the code metrics). With --tasks: benchmark the model on lm-evaluation-harness "
+        "tasks, print lm-eval's table and write its results JSON.",
     )
     evaluate.add_argument("path", type=Path, metavar="RUN_CHECKPOINT_OR_HF_FOLDER")
     evaluate.add_argument(
@@ -266,7 +271,43 @@ def _add_eval(commands: Any) -> None:
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     _add_no_progress(evaluate)
+    benchmarks = evaluate.add_argument_group(
+        'benchmarks (lm-evaluation-harness; needs pip install "neoxlab[eval]")'
+    )
+    benchmarks.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="lm-eval task names (globs and .yaml files too), e.g. lambada_openai,piqa or, "
+        "offline, shakespeare_last_word with --include-path benchmarks",
+    )
+    benchmarks.add_argument(
+        "--include-path", metavar="DIR", help="a folder of task YAML files (lm-eval's own option)"
+    )
+    benchmarks.add_argument(
+        "--limit", type=float, metavar="N", help="documents per task (< 1: a fraction)"
+    )
+    benchmarks.add_argument(
+        "--num-fewshot", type=int, metavar="K", help="examples in each prompt (default: task's)"
+    )
+    benchmarks.add_argument(
+        "--batch-size", type=_batch_size, metavar="B", help="requests per forward pass, or auto"
+    )
+    benchmarks.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.json",
+        help="lm-eval's results JSON (default: RUN/benchmarks/step_NNNNNNN.json)",
+    )
     evaluate.set_defaults(handler=_cmd_eval)
+
+
+def _batch_size(text: str) -> int | str:
+    """lm-eval's batch size: a positive integer, auto or auto:N."""
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
 
 
 def _add_generate(commands: Any) -> None:
@@ -559,7 +600,61 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARK_OPTIONS = ("include_path", "limit", "num_fewshot", "batch_size", "output")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _cmd_benchmark(args)
+    given = [f"--{name.replace('_', '-')}" for name in BENCHMARK_OPTIONS if getattr(args, name)]
+    if given:
+        raise NeoxlabError(
+            f"{', '.join(given)} go with --tasks", hint="add --tasks T1,T2 to benchmark"
+        )
+    return _cmd_validation(args)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from neoxlab.benchmark_results import default_results_path, write_results
+    from neoxlab.benchmarks import (
+        BenchmarkOptions,
+        evaluate_model,
+        prepare_tasks,
+        results_json,
+        results_table,
+        task_names,
+    )
+    from neoxlab.hf import load_trained
+    from neoxlab.runtime import resolve_runtime
+    from neoxlab.tracking import display_path
+
+    if args.overrides or args.eval_iters is not None:
+        raise NeoxlabError(
+            "KEY=VALUE overrides and --eval-iters choose validation data; --tasks benchmarks "
+            "lm-eval tasks",
+            hint="give one or the other",
+        )
+    include_path = str(args.include_path) if args.include_path else None
+    options = BenchmarkOptions(
+        task_names([args.tasks]), include_path, args.limit, args.num_fewshot, args.batch_size or 1
+    )
+    names = prepare_tasks(options)  # before loading the model: a wrong name fails at once
+    runtime = resolve_runtime(args.device, "auto", "false")
+    trained = load_trained(args.path, runtime.device)
+    output = args.output or default_results_path(trained.checkpoint, trained.state["step"])
+    results = evaluate_model(trained, options, names, quiet=args.no_progress)
+    step = trained.state["step"]
+    print(f"checkpoint: {trained.checkpoint}" + (f" (step {step})" if step is not None else ""))
+    print(results_table(results))
+    if output is None:
+        print("not saved (a Hugging Face folder has no run directory): add --output FILE.json")
+    else:
+        write_results(output, results_json(results))
+        print(f"wrote {display_path(output)}")
+    return 0
+
+
+def _cmd_validation(args: argparse.Namespace) -> int:
     from neoxlab.data.prepare import build_samplers, prepare_data
     from neoxlab.evaluate import evaluate_run, format_code_metrics
     from neoxlab.hf import load_trained

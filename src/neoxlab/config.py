@@ -63,6 +63,7 @@ INPUT_PATH_KEYS = (
     "train_data_paths",
     "valid_data_paths",
     "test_data_paths",
+    "eval_tasks_include_path",
 )
 
 # The names come from optim.py's registries (optim never imports config).
@@ -450,6 +451,36 @@ class Config:
         metadata=_help("validation lines completed per evaluation (code-metrics)", "evaluation"),
     )
 
+    # benchmarks: lm-eval tasks during training (benchmarks.py)
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "lm-eval tasks to benchmark during training (names separated by spaces or commas); "
+            'needs pip install "neoxlab[eval]"',
+            "evaluation",
+        ),
+    )
+    eval_tasks_interval: int | None = field(
+        default=None,
+        metadata=_help(
+            "benchmark eval-tasks every N steps (and always at the end of training)", "evaluation"
+        ),
+    )
+    eval_tasks_limit: float | None = field(
+        default=None,
+        metadata=_help(
+            "documents per task, as lm-eval's --limit (< 1: a fraction; default: all)",
+            "evaluation",
+        ),
+    )
+    eval_tasks_include_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "folder of task YAML files for eval-tasks, e.g. the repository's benchmarks/",
+            "evaluation",
+        ),
+    )
+
     # logging
     log_interval: int = field(
         default=10, metadata=_help("log training metrics every N steps", "logging")
@@ -757,6 +788,17 @@ class Config:
     def _check_evaluation(self) -> None:
         self._check_positive("eval_interval", "eval_iters", "line_completion_samples")
         self._check_non_negative("sample_tokens")
+        self._check_eval_tasks()
+
+    def _check_eval_tasks(self) -> None:
+        self._check_positive("eval_tasks_interval")
+        limit = self.eval_tasks_limit
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise NeoxlabError(f"eval-tasks-limit must be a positive number, got {limit}")
+        if not self.eval_tasks:
+            for name in ("eval_tasks_interval", "eval_tasks_limit", "eval_tasks_include_path"):
+                if getattr(self, name) is not None:
+                    raise NeoxlabError(f"{_key(name)} is set but eval-tasks is not")
 
     def _check_checkpointing(self) -> None:
         self._check_positive("save_interval", "keep_last_n_checkpoints", "exit_interval")

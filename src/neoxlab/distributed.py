@@ -252,6 +252,13 @@ def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", (optimizer,)))
 
 
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights unsharded, on the CPU, keyed by parameter name. Every rank must call
+    this (it gathers shards); in a distributed run only rank 0 gets a non-empty dict."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
 def full_state(
     model: nn.Module, optimizer: Any, trainable_only: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer
 from neoxlab import __version__
 from neoxlab.adapters import LoraSpec, add_lora, load_adapter_weights, merged, save_peft_adapter
 from neoxlab.atomic import give_default_permissions
+from neoxlab.benchmark_results import latest_results, markdown_table, run_of
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
@@ -503,30 +505,73 @@ def _write_new_folder(out: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def _fill_hf_folder(tmp: Path, trained: TrainedModel, path: Path) -> None:
+    weights_file = tmp / "model.safetensors"
+    # transformers refuses safetensors files without format metadata
+    save_file(export_weights(trained), str(weights_file), metadata={"format": "pt"})
+    give_default_permissions(weights_file)
+    _write_config_and_tokenizer(trained, tmp)
+    (tmp / "README.md").write_text(_model_card(trained, path), encoding="utf-8")
+
+
+def export_weights(trained: TrainedModel) -> dict[str, torch.Tensor]:
+    """The weights an export holds, by the names it writes (the model's own tensors)."""
+    return {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+
+
+def _write_config_and_tokenizer(trained: TrainedModel, folder: Path) -> None:
+    """What an export holds besides its weights and model card: config.json,
+    generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template)."""
     config = trained.config
     eod_id = token_id(trained.tokenizer, config.eod_token)
     pad_id = token_id(trained.tokenizer, config.pad_token)
-    weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
-    # transformers refuses safetensors files without format metadata
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    give_default_permissions(tmp / "model.safetensors")
-    _write_json(tmp / "config.json", _hf_config(trained, eod_id, pad_id))
+    _write_json(folder / "config.json", _hf_config(trained, eod_id, pad_id))
     _write_json(
-        tmp / "generation_config.json",
+        folder / "generation_config.json",
         {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
     )
     save_tokenizer(
         trained.tokenizer,
-        tmp,
+        folder,
         eod_token=config.eod_token,
         pad_token=config.pad_token,
         model_max_length=config.context_length,
     )
-    tokenizer_config = _read_json(tmp / "tokenizer_config.json")
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
     chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
     tokenizer_config["chat_template"] = chat.template()
-    _write_json(tmp / "tokenizer_config.json", tokenizer_config)
-    (tmp / "README.md").write_text(_model_card(trained, path), encoding="utf-8")
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+
+
+def transformers_model(
+    trained: TrainedModel, weights: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) as transformers loads `neoxlab export`'s folder of `trained`
+    (AutoConfig, AutoTokenizer, the class config.json names), built in memory: the export's
+    config and tokenizer files pass through a temporary folder, the weights do not. They are
+    `weights` (a sharded run's gathered copy) or the model's own tensors, shared, not copied.
+
+    Going through the export's files and transformers' own loading is what makes a tool that
+    takes a transformers model (lm-eval's HFLM) score exactly what it scores on the export."""
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="neoxlab-hf-") as folder:
+        _write_config_and_tokenizer(trained, Path(folder))
+        config = transformers.AutoConfig.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model_class = getattr(transformers, config.architectures[0])
+    weights = export_weights(trained) if weights is None else weights
+    model, loading = model_class.from_pretrained(
+        None, config=config, state_dict=weights, output_loading_info=True
+    )
+    # transformers fills a weight it was not given with random values, and only warns
+    wrong = [f"{kind} {sorted(map(str, names))[:3]}" for kind, names in loading.items() if names]
+    if wrong:
+        raise NeoxlabError(
+            f"the weights of {trained.checkpoint} do not fit {model_class.__name__}: "
+            + "; ".join(wrong)
+        )
+    model.config.name_or_path = str(trained.checkpoint)  # what lm-eval reports as the model
+    return model.eval(), tokenizer
 
 
 def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any]:
@@ -624,6 +669,7 @@ def _model_card(trained: TrainedModel, source: Path) -> str:
         MODEL_CARD_HEAD.format(name=source.name, version=__version__),
         *_training_facts(trained),
         *_final_metrics_table(trained),
+        *_benchmark_table(trained),
         *_chat_format_section(config),
         MODEL_CARD_USE.format(config_json=json.dumps(config.to_dict(), indent=2)),
     ]
@@ -662,6 +708,32 @@ def _final_metrics_table(trained: TrainedModel) -> list[str]:
         return []
     rows = [f"| {key} | {value:.4f} |" for key, value in metrics.items()]
     return ["", "## Final metrics", "", "| metric | value |", "|---|---|", *rows]
+
+
+def _benchmark_table(trained: TrainedModel) -> list[str]:
+    """The run's latest lm-eval results at or before the checkpoint's step (neoxlab eval --tasks,
+    eval-tasks), as a table."""
+    step, run_dir = trained.state.get("step"), run_of(trained.checkpoint)
+    latest = latest_results(run_dir, step) if step is not None and run_dir else None
+    if latest is None:
+        return []
+    benchmark_step, results = latest
+    return [
+        "",
+        "## Benchmarks",
+        "",
+        f"lm-evaluation-harness {results.get('lm_eval_version', '')} at step "
+        f"{benchmark_step}, {_benchmark_setting(results)}:",
+        "",
+        *markdown_table(results),
+    ]
+
+
+def _benchmark_setting(results: dict[str, Any]) -> str:
+    shots = sorted({str(n) for n in results.get("n-shot", {}).values()})
+    limit = results.get("config", {}).get("limit")
+    documents = "all documents" if limit is None else f"at most {limit:g} documents per task"
+    return f"{'/'.join(shots) or '0'}-shot, {documents}"
 
 
 def _chat_format_section(config: Config) -> list[str]:

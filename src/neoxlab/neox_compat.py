@@ -190,7 +190,6 @@ IGNORED_KEYS: dict[str, str] = {
         "num_samples",
         "recompute",
         "eval_results_prefix",
-        "eval_tasks",
         "char_level_ppl",
         "precompute_model_name",
         "serve_model_weights",

@@ -227,6 +227,11 @@ class Tracker:
         if self.wandb:
             self.wandb.log(record)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table for W&B (the benchmark results of a step); its summary keeps the last one."""
+        if self.wandb:
+            self.wandb.log_table(name, columns, rows, step)
+
     def log_sample(self, step: int, text: str) -> None:
         samples = self.run_dir / SAMPLES_DIR
         samples.mkdir(exist_ok=True)
@@ -544,7 +549,7 @@ class WandbSink:
         self.run_dir = run_dir
         self.samples = samples
         run.define_metric("train/step")
-        for pattern in ("train/*", "val/*"):
+        for pattern in ("train/*", "val/*", "benchmarks/*"):
             run.define_metric(pattern, step_metric="train/step")
         run.define_metric("val/loss", step_metric="train/step", summary="min")
 
@@ -560,6 +565,9 @@ class WandbSink:
         data = {"train/step": step, "train/tokens": record["tokens"]}
         data.update((key, value) for key, value in record.items() if key not in ("step", "tokens"))
         self.run.log(data, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log_sample(self, step: int, text: str) -> None:
         self.samples.append([step, text])

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from neoxlab import __version__, distributed
 from neoxlab.adapters import LoraSpec, check_lora_runtime, load_adapter_weights
 from neoxlab.atomic import remove_temporaries
+from neoxlab.benchmarks import TrainingBenchmarks
 from neoxlab.checkpoint import (
     check_model_state,
     latest_checkpoint,
@@ -258,6 +259,10 @@ class Trainer:
         self.base_model = base_fingerprint(config.init_from) if self.lora else None
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
             self.world.world_size
+        )
+        # lm-eval tasks (eval-tasks) are checked now: a wrong name fails before any training
+        self.benchmarks = TrainingBenchmarks(
+            config, self.world, self.runtime.device, self.micro_batch
         )
         torch.manual_seed(config.seed)
         self.data: PreparedData = self._prepare_data()
@@ -525,8 +530,8 @@ class Trainer:
     def _log_eval_save(
         self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
     ) -> None:
-        """Log, evaluate and checkpoint where this step is due for them; the `last` step of a run
-        is always logged, and checkpointed when the run saves."""
+        """Log, evaluate, benchmark and checkpoint where this step is due for them; the `last`
+        step of a run is always logged, and checkpointed when the run saves."""
         config = self.config
         logging = self.step % config.log_interval == 0 or self.step == 1 or last
         evaluating = self.step % config.eval_interval == 0 or self.step == config.train_iters
@@ -542,6 +547,16 @@ class Trainer:
         pause_start = time.perf_counter()
         if evaluating:
             loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
+        if self.benchmarks.due(self.step):
+            self.benchmarks.run(
+                self.model,
+                self.data.tokenizer,
+                run_dir=self.run_dir,
+                step=self.step,
+                tokens=self.tokens,
+                tracker=loop.tracker,
+                write=loop.progress.write,
+            )
         if saving:
             loop.checkpoint = self.save()
             loop.progress.write(f"saved checkpoint {loop.checkpoint}")
