@@ -3,7 +3,7 @@
 A config written for gpt-neox loads unchanged: keys whose meaning neoxlab shares are translated
 to neoxlab keys here, keys that only steer DeepSpeed/Megatron internals (fusions, bucket sizes,
 launcher settings) are collected and reported in one warning, and keys that would change the
-model in a way neoxlab cannot reproduce (RMSNorm, tied embeddings, learned positions, ...) are
+model in a way neoxlab cannot reproduce (learned positions, ...) are
 errors. `config.py` calls in here; the keys that neoxlab understands still live only there.
 """
 
@@ -96,7 +96,6 @@ UNUSED_KEYS = frozenset(
         "hysteresis",
         "memory_profiling",
         "memory_profiling_path",
-        "rms_norm_epsilon",
         "scalenorm_epsilon",
         # logging sinks and text generation (neoxlab has its own)
         "log_dir",
@@ -133,8 +132,6 @@ UNUSED_KEYS = frozenset(
 # gpt-neox keys translated to neoxlab keys (or checked and then dropped) by `translate`.
 TRANSLATED_KEYS = frozenset(
     {
-        "norm",
-        "no_weight_tying",
         "gpt_j_tied",
         "bias_gelu_fusion",
         "init_method",
@@ -173,21 +170,6 @@ NEOXLAB_INIT = {"init_method": "small_init", "output_layer_init_method": "wang_i
 
 def translate(key: str, value: Any, origin: str) -> dict[str, Any]:
     """One gpt-neox key from TRANSLATED_KEYS -> the neoxlab keys it sets (maybe none)."""
-    if key == "norm":
-        if value != "layernorm":
-            raise NeoxlabError(
-                f"norm {value!r} in {origin} is not supported; neoxlab uses LayerNorm",
-                hint="set norm: layernorm (GPT-NeoX / Pythia)",
-            )
-        return {}
-    if key == "no_weight_tying":
-        if value is not True:
-            raise NeoxlabError(
-                f"no-weight-tying {value!r} in {origin}: tied input/output embeddings are not "
-                "supported",
-                hint="set no-weight-tying: true (Pythia unties them)",
-            )
-        return {}
     if key == "gpt_j_tied":
         if value is not False:
             raise NeoxlabError(
