@@ -193,7 +193,7 @@ class Config:
     init_from: str | None = field(
         default=None,
         metadata=_help(
-            "start from a Hugging Face GPTNeoX folder or a neoxlab run/checkpoint: its "
+            "start from a Hugging Face GPTNeoX or Llama folder or a neoxlab run/checkpoint: its "
             "architecture, tokenizer and weights",
             "model",
         ),
