@@ -7,6 +7,8 @@ import pytest
 import torch
 from test_model import VOCAB, generated, greedy_without_cache, random_tokens, tiny_model
 
+from neoxlab.cli import main
+from neoxlab.config import load_config, mlp_width, mlp_widths, model_config
 from neoxlab.errors import NeoxlabError
 from neoxlab.hf_llama import from_llama_weights, llama_config, to_llama_weights
 from neoxlab.model import MLP, Attention, GPTNeoX, ModelConfig, SwiGLU, make_norm
@@ -196,3 +198,80 @@ def test_llama_shaped_model_matches_transformers_llama(overrides):
     back = from_llama_weights(to_llama_weights(model.state_dict(), model.config), model.config)
     assert back.keys() == model.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+# ---- the config keys (gpt-neox's names) -------------------------------------------------------
+
+
+def keyed_model(*overrides: str) -> GPTNeoX:
+    config = load_config([], ["hidden-size=64", "num-attention-heads=4", *overrides])
+    return GPTNeoX(model_config(config, VOCAB))
+
+
+def test_each_key_builds_its_piece():
+    layer = keyed_model("norm=rmsnorm", "rms-norm-epsilon=1e-6").gpt_neox.layers[0]
+    assert isinstance(layer.input_layernorm, torch.nn.RMSNorm) and layer.input_layernorm.eps == 1e-6
+    layer = keyed_model("use-bias-in-norms=false").gpt_neox.layers[0]
+    assert layer.input_layernorm.bias is None
+    attention = keyed_model("num-kv-heads=1", "use-bias-in-attn-linear=false").gpt_neox.layers[0]
+    assert attention.attention.query_key_value.weight.shape == (6 * 16, 64)
+    assert attention.attention.query_key_value.bias is None
+    assert attention.attention.dense.bias is None and attention.mlp.dense_h_to_4h.bias is not None
+    assert keyed_model("use-bias-in-mlp=false").gpt_neox.layers[0].mlp.dense_4h_to_h.bias is None
+    tied = keyed_model("no-weight-tying=false")
+    assert tied.output_weight is tied.gpt_neox.embed_in.weight
+    assert keyed_model("rotary-pct=1.0").config.rotary_ndims == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "half"),
+    [
+        # gpt-neox's default 4 x hidden-size: ⌊⅔ x 256⌋ = 170 for both halves, 85 each
+        ([], 85),
+        # Llama-7B in gpt-neox's configs: ⌊⅔ x 32768⌋ = 21845, rounded to 2 x 256: 22016
+        (["hidden-size=4096", "intermediate-size=32768", "mlp-multiple-of=256"], 11008),
+        # Mistral-7B's 14336 per half: intermediate-size 3 x 14336
+        (["hidden-size=4096", "intermediate-size=43008"], 14336),
+    ],
+)
+def test_swiglu_is_sized_as_gpt_neox_sizes_it(overrides, half):
+    config = load_config([], ["activation=swiglu", "hidden-size=64", *overrides])
+    assert mlp_widths(config) == (2 * half, half)
+
+
+def test_gelu_mlp_width_is_intermediate_size_rounded_to_the_multiple():
+    assert mlp_width(load_config([], ["hidden-size=64"])) == 256  # Pythia: 4 x hidden-size
+    assert mlp_width(load_config([], ["intermediate-size=100", "mlp-multiple-of=64"])) == 128
+
+
+def dry_run_parameters(capsys, *overrides: str) -> int:
+    assert main(["train", "--dry-run", *overrides]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parameters: "))
+    return int(line.split()[1].replace(",", ""))
+
+
+SEVEN_B = ["hidden-size=4096", "num-layers=32", "num-attention-heads=32", "seq-length=4096"]
+LLAMA_KEYS = ["norm=rmsnorm", "activation=swiglu", "gpt-j-residual=false", "rotary-pct=1"]
+LLAMA_KEYS += ["use-bias-in-attn-linear=false", "use-bias-in-mlp=false", "vocab-size=32000"]
+
+
+def test_dry_run_gives_the_published_llama_2_and_mistral_counts(capsys):
+    llama_2 = [*SEVEN_B, *LLAMA_KEYS, "intermediate-size=32768", "mlp-multiple-of=256"]
+    assert dry_run_parameters(capsys, *llama_2) == 6_738_415_616
+    mistral = [*SEVEN_B, *LLAMA_KEYS, "intermediate-size=43008", "num-kv-heads=8"]
+    assert dry_run_parameters(capsys, *mistral) == 7_241_732_096
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num-kv-heads=3", "num-kv-heads 3 does not divide num-attention-heads 4"),
+        ("norm=scalenorm", "norm must be one of"),
+        ("activation=geglu", "activation must be one of"),
+        ("mlp-multiple-of=0", "mlp-multiple-of must be positive"),
+    ],
+)
+def test_bad_architecture_key_is_one_line(capsys, override, message):
+    assert main(["train", "--dry-run", "num-attention-heads=4", override]) == 2
+    error = capsys.readouterr().err
+    assert message in error, error

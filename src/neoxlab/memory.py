@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neoxlab.config import Config, model_config, padded_vocab_size
+from neoxlab.config import Config, mlp_width, model_config, padded_vocab_size
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import block_matrices
 from neoxlab.tokenizer import load_tokenizer
@@ -113,6 +113,8 @@ def describe(config: Config, world_size: int = 1) -> TrainingPlan:
     matmul_weights = sum(
         p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
     )
+    if model.embed_out is None:  # tied: the head's matmul takes a 16-bit copy of the embedding
+        matmul_weights += model.output_weight.numel()
     return TrainingPlan(
         parameters=model.num_parameters(),
         non_embedding_parameters=model.num_parameters(exclude_embeddings=True),
@@ -159,33 +161,43 @@ def optimizer_state_bytes(model: nn.Module, config: Config) -> int:
 def activation_bytes(config: Config, vocab: int, micro_batch: int, size: int) -> int:
     """Bytes autograd keeps from one micro-batch's forward pass for the backward pass.
 
-    Per token, with h = hidden-size, f = intermediate-size, V = padded vocab, a = `size` (bytes of
-    an activation: 2 under fp16/bf16 autocast, 4 in fp32) and r = 4 (the residual stream is fp32):
-      every block    r*h     its input (the first LayerNorm's input)
-                   + a*2h    the two LayerNorm outputs, as inputs of QKV and of the MLP
+    Per token, with h = hidden-size, f = the MLP's width (`mlp_width`), V = padded vocab, a =
+    `size` (bytes of an activation: 2 under fp16/bf16 autocast, 4 in fp32) and r = 4 (the
+    residual stream is fp32):
+      every block    r*h     its input (the first norm's input)
+                   + a*2h    the two norm outputs, as inputs of QKV and of the MLP
+                   + a*2h    rmsnorm only: each norm's normalised input, before its scale
                    + a*7h    attention: QKV output 3h, rotated q and k 2h, SDPA output h and its
-                             reshaped copy h (the fused SDPA kernels keep no seq x seq matrix)
+                             reshaped copy h (the fused SDPA kernels keep no seq x seq matrix);
+                             with fewer key/value heads 5h: rotated q h, keys and values
+                             repeated to every head 2h, SDPA output and its copy 2h
                    + a*2f    MLP: the up-projection output and the GELU output
-                   + r*h     sequential residual only: the second LayerNorm's input x + attn
+                             (swiglu: a*4f, up and gate 2f, silu(gate) f, their product f)
+                   + r*h     sequential residual only: the second norm's input x + attn
                    + 2h      dropout masks, 1 byte each, when hidden-dropout > 0
-      once           r*h + a*h + h (dropout)   final LayerNorm input and output, embedding dropout
+      once           r*h + a*h + h (dropout)   final norm input and output, embedding dropout
+                   (+ a*h with rmsnorm)
                    + (a + 4)*V                 the logits and their fp32 log-softmax
                    (chunked-cross-entropy: instead 4*h, the loss's gradient for the final
-                   LayerNorm output, plus 4*V*h once per micro-batch for the head's)
+                   norm output, plus 4*V*h once per micro-batch for the head's)
     With checkpoint-activations every block keeps only its input (r*h); the backward pass
     rebuilds one block's activations at a time, so one full block is added back.
     tests/test_algorithms.py checks this against what autograd saves.
     """
     h = config.hidden_size
-    f = config.intermediate_size or 4 * h
+    f = mlp_width(config)
     r = RESIDUAL_BYTES
     dropout = config.hidden_dropout > 0
-    block = r * h + size * (9 * h + 2 * f)
+    norm_extra = h if config.norm == "rmsnorm" else 0  # per norm
+    grouped = config.num_kv_heads not in (None, config.num_attention_heads)
+    attention = 5 * h if grouped else 7 * h
+    mlp = 4 * f if config.activation == "swiglu" else 2 * f
+    block = r * h + size * (2 * h + 2 * norm_extra + attention + mlp)
     if not config.gpt_j_residual:
         block += r * h
     if dropout:
         block += 2 * h
-    once = r * h + size * h + (h if dropout else 0)
+    once = r * h + size * (h + norm_extra) + (h if dropout else 0)
     head = 0  # bytes per micro-batch, whatever its size
     if config.chunked_cross_entropy == "true":  # auto: off on a GPU
         once += 4 * h
