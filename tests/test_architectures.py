@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_model import VOCAB, generated, greedy_without_cache, random_tokens, tiny_model
 
 from neoxlab.cli import main
@@ -12,6 +13,7 @@ from neoxlab.config import load_config, mlp_width, mlp_widths, model_config
 from neoxlab.errors import NeoxlabError
 from neoxlab.hf_llama import from_llama_weights, llama_config, to_llama_weights
 from neoxlab.model import MLP, Attention, GPTNeoX, ModelConfig, SwiGLU, make_norm
+from neoxlab.trainer import train
 
 HIDDEN, LAYERS, HEADS, WIDTH = 32, 2, 4, 48  # test_model.tiny_model's shape
 LLAMA = dict(norm="rmsnorm", activation="swiglu", parallel_residual=False, rotary_pct=1.0)
@@ -275,3 +277,23 @@ def test_bad_architecture_key_is_one_line(capsys, override, message):
     assert main(["train", "--dry-run", "num-attention-heads=4", override]) == 2
     error = capsys.readouterr().err
     assert message in error, error
+
+
+def test_exact_resume_with_the_other_variants(tiny_overrides):
+    """LayerNorm without bias, SwiGLU, multi-query attention and a tied head, parallel residual:
+    a run stopped and resumed ends with the weights of the run that was not."""
+    overrides = [*tiny_overrides, "train-iters=4", "save-interval=2", "eval-interval=4"]
+    overrides += ["use-bias-in-norms=false", "activation=swiglu", "num-kv-heads=1"]
+    overrides += ["no-weight-tying=false", "hidden-dropout=0.1", "sample-tokens=0"]
+
+    def run(*extra: str, **kwargs):
+        config = load_config([], [*overrides, *extra])
+        return train(config, progress=False, log=lambda _: None, **kwargs)
+
+    full = run("run-name=full")
+    part = run("run-name=part", "exit-interval=2")
+    resumed = run(resume=part.run_dir)
+    assert resumed.finished and resumed.step == 4
+    last = "checkpoints/step_0000004/model.safetensors"
+    a, b = (load_file(result.run_dir / last) for result in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
