@@ -2,6 +2,7 @@
 a Llama-shaped model computes what transformers' LlamaForCausalLM computes."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_model import VOCAB, generated, greedy_without_cache, random_tokens, ti
 from neoxlab.cli import main
 from neoxlab.config import load_config, mlp_width, mlp_widths, model_config
 from neoxlab.errors import NeoxlabError
+from neoxlab.hf import export_class
 from neoxlab.hf_llama import from_llama_weights, llama_config, to_llama_weights
 from neoxlab.model import MLP, Attention, GPTNeoX, ModelConfig, SwiGLU, make_norm
 from neoxlab.trainer import train
@@ -297,3 +299,21 @@ def test_exact_resume_with_the_other_variants(tiny_overrides):
     last = "checkpoints/step_0000004/model.safetensors"
     a, b = (load_file(result.run_dir / last) for result in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("base", ["shakespeare.yml", "code_completion.yml"])
+def test_architecture_experiment_files_build_their_pieces(base):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def built(experiment: str) -> GPTNeoX:
+        config = load_config([configs / base, configs / "experiments" / experiment])
+        with torch.device("meta"):
+            return GPTNeoX(model_config(config, 512))
+
+    llama = built("llama.yml")
+    assert export_class(llama.config) == "LlamaForCausalLM"
+    assert not llama.config.attention_bias and not llama.config.mlp_bias
+    assert isinstance(built("rmsnorm.yml").gpt_neox.final_layer_norm, torch.nn.RMSNorm)
+    assert isinstance(built("swiglu.yml").gpt_neox.layers[0].mlp, SwiGLU)
+    assert built("gqa.yml").config.num_kv_heads == 2
+    assert built("tied_embeddings.yml").embed_out is None

@@ -27,6 +27,7 @@ SCRIPTS = {
     "prepare_jsonl": ([], "Data preparation: `neoxlab prepare jsonl`", 2),
     "prepare_ceiling": ([], "Data preparation: pipeline vs tokenizer ceiling, peak memory", 5),
     "cpu_ratio": ([], "CPU: neoxlab vs transformers training step", 2),
+    "model_before_after": ([], "CPU: model.py before and after a change", 2),
 }
 
 

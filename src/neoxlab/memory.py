@@ -67,8 +67,8 @@ class TrainingPlan:
     def lines(self) -> list[str]:
         checkpointing = "on" if self.checkpoint_activations else "off"
         return [
-            f"parameters: {self.parameters:,} ({self.non_embedding_parameters:,} without the "
-            f"input embedding; vocab {self.vocab_size:,} padded, {self.vocab_source})",
+            f"parameters: {self.parameters:,} ({self._embedding_note()}; vocab "
+            f"{self.vocab_size:,} padded, {self.vocab_source})",
             f"precision: {self.precision}; activation checkpointing {checkpointing}",
             f"memory per GPU (estimate): {_gib(self.total_bytes)}",
             f"  weights (fp32) {_gib(self.weight_bytes)} + 16-bit copies "
@@ -80,6 +80,12 @@ class TrainingPlan:
             f"{self.accumulation} micro-batches of {self.micro_batch} x {self.seq_length})",
             f"optimizer steps: {self.train_iters:,}; tokens in total: {self.total_tokens:,}",
         ]
+
+
+    def _embedding_note(self) -> str:
+        if self.parameters == self.non_embedding_parameters:
+            return "the input embedding is also the output layer"
+        return f"{self.non_embedding_parameters:,} without the input embedding"
 
 
 def _gib(n: int) -> str:
