@@ -152,3 +152,18 @@ def test_export_refuses_a_mixture_naming_the_key(
     error = capsys.readouterr().err
     assert message in error and error.count("\n") <= 2, error  # the line and its hint
     assert not out.exists() and not list(tmp_path.glob("export.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0}}, "rope type 'llama3'"),
+        ({"head_dim": 16}, "head_dim 16 (neoxlab's is hidden_size / heads)"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' (SwiGLU's is silu)"),
+    ],
+)
+def test_llama_features_neoxlab_lacks_are_named(llama, capsys, change, message):
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["generate", str(llama), "--prompt", "User:", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
