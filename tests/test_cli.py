@@ -83,6 +83,20 @@ def test_generate_and_eval(tiny_overrides, capsys):
     out = capsys.readouterr().out
     assert "validation loss" in out and "perplexity" in out
 
+    # a newest checkpoint cut short (a copy that stopped) is skipped, and the user is told so
+    weights = run_dir / "checkpoints" / "step_0000020" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    skipped = (
+        f"note: skipping {weights.parent}: its model.safetensors is 100 bytes, state.json says "
+        f"{size:,} (cut short); using step_0000010\n"
+    )
+    assert main([*argv[:2], "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == skipped
+    assert main(["eval", str(run_dir), "--eval-iters", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == skipped and "step_0000010 (step 10)" in out
+
 
 def test_generate_into_a_closed_pipe_stops_quietly(tiny_overrides, capsys):
     """`neoxlab generate ... | head`: when the reader has gone, no traceback; SIGPIPE's status,
@@ -130,7 +144,8 @@ def test_prompt_longer_than_context_is_exit_2(tiny_overrides, capsys):
         (["generate", "nowhere"], "does not exist", "ls runs"),
         (["eval", "."], "neither a neoxlab run", ""),
         (["train", "--resume", "latest"], "no runs", "neoxlab train configs/shakespeare.yml"),
-        (["train", "--resume", "nowhere"], "not a neoxlab run directory", "ls runs"),
+        (["train", "--resume", "runs/nope"], "run runs/nope does not exist", "ls runs"),
+        (["train", "--resume", "."], "not a neoxlab run directory (no config.yml)", "ls runs"),
         (["train", "data-path=data/python_stdlib.jsonl"], "does not exist", "neoxlab prepare"),
         (["train", "data-path=data/c4_text_document"], "not found", "neoxlab prepare jsonl"),
         (["train", "data-path=corpus.jsonl"], "does not exist", "line to the current folder"),

@@ -1,7 +1,9 @@
 """Code metrics: bits per byte and line completion (exact match, edit similarity, BLEU)."""
 
+import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,7 +229,14 @@ def code_folder(root: Path) -> Path:
     return root
 
 
-def test_code_metrics_in_training_and_eval(tiny_overrides, tmp_path, capsys):
+class Terminal(io.StringIO):
+    """stderr as a terminal: tqdm shows its bars there (and hides them in pipes and files)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_code_metrics_in_training_and_eval(tiny_overrides, tmp_path, capsys, monkeypatch):
     assert main(["prepare", "code", str(code_folder(tmp_path / "src")), "--out", "data"]) == 0
     data = Path("data/src_code.jsonl").resolve()
     overrides = [o for o in tiny_overrides if not o.startswith("data-path=")]
@@ -266,6 +275,16 @@ def test_code_metrics_in_training_and_eval(tiny_overrides, tmp_path, capsys):
     last = evals[-1]
     assert f"bits/byte {last['val/bits_per_byte']:.3f}" in first
     assert f"edit similarity {last['val/line_edit_similarity']:.3f}" in first
+
+    # on a terminal, bars over the batches and the lines say that work is going on
+    for argv, bars in ((["eval", str(run)], True), (["eval", str(run), "--no-progress"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main([*argv, "--eval-iters", "2"]) == 0
+        shown = terminal.getvalue()
+        assert ("validation batches:" in shown and "/2 [" in shown) == bars, shown
+        assert ("line completions:" in shown) == bars, shown
+        assert capsys.readouterr().out == first
 
 
 def test_code_metrics_need_document_text(tmp_path):

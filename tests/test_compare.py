@@ -1,6 +1,8 @@
 """`neoxlab compare`: a PNG and a table of differences from run directories alone."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
@@ -10,6 +12,7 @@ from neoxlab.compare import compare, config_differences, load_run, plot
 from neoxlab.config import load_config, save_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_compare_two_tiny_runs(tiny_overrides, tmp_path, capsys):
@@ -114,7 +117,19 @@ def test_unknown_metric_names_the_known_ones(tmp_path, capsys):
     assert cli.main(["compare", str(run), "--metric", "val/bleu"]) == 2
     err = capsys.readouterr().err
     assert "no run has metric 'val/bleu'" in err and "val/loss" in err
-    assert not (tmp_path / "compare.png").exists()
+    assert list(tmp_path.iterdir()) == [run]  # no PNG, no comparisons/ folder
+
+
+def test_the_plot_goes_into_an_ignored_comparisons_folder_unless_out_says(tmp_path, capsys):
+    run = fake_run(tmp_path, "a", [], [3.0, 2.5])
+    for _ in range(2):  # a second comparison in the same second does not overwrite the first
+        assert cli.main(["compare", str(run)]) == 0
+    written = sorted((tmp_path / "comparisons").iterdir())
+    assert len(written) == 2 and all(p.read_bytes().startswith(PNG_MAGIC) for p in written)
+    assert f"wrote comparisons/{written[0].name}" in capsys.readouterr().out
+    assert re.fullmatch(r"compare-\d{6}-\d{6}(-2)?\.png", written[0].name)
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "comparisons/" in ignored
 
 
 def test_not_a_run_directory(tmp_path, capsys):

@@ -142,7 +142,7 @@ def test_unknown_key_in_override(tmp_path):
         ("num-layers=0", "must be positive"),
         ("seq-length=0", "must be positive"),
         ("lr-decay-style=zigzag", "must be one of"),
-        ("pos-emb=learned", "must be one of"),
+        ("pos-emb=learned", "pos-emb .learned. in command-line overrides asks for"),
         ("split=1,2", "three non-negative weights"),
         ("vocab-size=2", "special tokens"),
     ],

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from neoxlab.cli import main
 from neoxlab.data.corpora import (
     SHAKESPEARE_SHA256,
     SHAKESPEARE_URL,
@@ -49,11 +50,20 @@ def test_fetch_from_mirror_verifies_and_caches(shakespeare_mirror, monkeypatch, 
     assert fetch_shakespeare() == path
 
 
-def test_fetch_from_explicit_source(shakespeare_mirror, tmp_path):
+def test_fetch_from_explicit_source(shakespeare_mirror, tmp_path, monkeypatch, capsys):
+    """The source itself is used (and named); the cache gets a copy when it can be written."""
     source = shakespeare_mirror / "tinyshakespeare" / "input.txt"
-    path = fetch_shakespeare(str(source))
-    assert path.parent.parent == tmp_path / "cache"
-    assert path.read_bytes() == source.read_bytes()
+    assert fetch_shakespeare(str(source)) == source
+    cached = tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    assert cached.read_bytes() == source.read_bytes()
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("NEOXLAB_CACHE", str(tmp_path / "not-a-folder"))
+    assert main(["prepare", "shakespeare", "--source", str(source), "--out", "d"]) == 0
+    assert f"wrote d/shakespeare.jsonl (from {source})" in capsys.readouterr().out
+    # without a source, a cache that cannot be written is one line, not a traceback
+    assert main(["prepare", "shakespeare", "--out", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "in the neoxlab cache: Not a directory (hint: set NEOXLAB_CACHE" in err, err
 
 
 def test_fetch_missing_source(tmp_path):

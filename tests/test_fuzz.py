@@ -8,7 +8,6 @@ import contextlib
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -18,12 +17,11 @@ from neoxlab.config import ALIASES, FIELDS, SECTIONS, load_config, model_config
 from neoxlab.data.indexed import DTYPE_BY_CODE, HEADER, MAGIC
 from neoxlab.data.prepare import build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
+from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.memory import describe
 from neoxlab.model import GPTNeoX, ModelConfig
 from neoxlab.optim import build_optimizer, lr_at
-from neoxlab.runtime import Runtime
 from neoxlab.tokenizer import train_char
-from neoxlab.trainer import _scaler
 
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -31,14 +29,14 @@ FUZZ = settings(
 
 # ---- the config loader ----------------------------------------------------------------------
 
-KEYS = sorted(
-    {key.replace("_", "-") for key in [*FIELDS, *ALIASES, *neox_compat.TRANSLATED_KEYS, "save-dir"]}
-)
+GPT_NEOX_KEYS = [*neox_compat.TRANSLATED_KEYS, *neox_compat.MERGED_KEYS, *neox_compat.UNSUPPORTED]
+KEYS = sorted({key.replace("_", "-") for key in [*FIELDS, *ALIASES, *GPT_NEOX_KEYS, "save-dir"]})
 # children of the mapping keys (optimizer, fp16, bf16, zero-optimization) and of optimizer.params
 CHILDREN = [
     *("type", "params", "enabled", "stage", "loss_scale", "min_loss_scale", "hysteresis"),
     *("initial_scale_power", "loss_scale_window", "betas", "eps", "momentum", "muon_lr"),
     *("ns_steps", "nesterov", "weight_decay", "lr", "lr-schedule", "warmup"),
+    *("consecutive_hysteresis", "auto_cast"),
 ]
 SCALARS = st.one_of(
     st.none(),
@@ -88,7 +86,7 @@ def use(config) -> None:
     for step in (0, 1, config.train_iters // 2, config.train_iters, config.train_iters + 3):
         lr_at(step, config)
     build_optimizer(MODEL, config)
-    _scaler(config, Runtime(torch.device("cpu"), "fp16", False))
+    build_grad_scaler("cpu", True, config.fp16)
     model_config(config, 128)
     describe(config).lines()
 

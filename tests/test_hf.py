@@ -7,8 +7,10 @@ way a downloaded Pythia is laid out.
 
 import io
 import json
+import os
 import pickle
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -216,10 +218,37 @@ def test_init_from_conflicting_model_key_is_an_error(pythia):
         Trainer(config, progress=False, log=lambda _: None)
 
 
+def test_init_from_context_shorter_than_seq_length_names_the_context(pythia, capsys):
+    # chat_finetune.yml's seq-length 280 against a model of 128 positions: max-position-
+    # embeddings is init-from's to decide, so the error is about seq-length
+    assert main(["train", str(CHAT_CONFIG), f"init-from={pythia}", "device=cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "has a context of 128 tokens: seq-length 280 must be at most that" in error, error
+    assert "hint: set seq-length=128 or lower" in error and "max-position" not in error
+
+
+def test_missing_default_init_from_names_the_download_command_of_the_config(tmp_path, capsys):
+    (tmp_path / "configs").mkdir()
+    shutil.copy(CHAT_CONFIG, tmp_path / "configs")  # its init-from: ../models/pythia-160m
+    header = next(line for line in CHAT_CONFIG.read_text().splitlines() if "download" in line)
+    assert main(["train", "configs/chat_finetune.yml"]) == 2
+    error = capsys.readouterr().err
+    assert "init-from models/pythia-160m does not exist" in error, error
+    assert header.removeprefix("#").strip() in error
+
+
 # ---- the whole path: import, finetune on chat data, export, reload ---------------------------
 
 
-def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys):
+@pytest.fixture
+def umask_027():
+    """A umask that neither 0600 nor 0644 matches: files must get 0640, as open() gives them."""
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys, umask_027):
     config = load_config([CHAT_CONFIG], finetune_overrides(pythia))
     trainer = Trainer(config, progress=False, log=lambda _: None)
     # architecture and tokenizer came from the HF folder
@@ -269,6 +298,13 @@ def test_finetune_chat_then_export_round_trip(pythia, tmp_path, capsys):
         "README.md",
     ):
         assert (out / name).is_file(), name
+    # the weights (safetensors writes them 0600) are readable by whom the umask allows
+    checkpoint = result.run_dir / "checkpoints" / "step_0000012"
+    for folder, other in ((checkpoint, "state.json"), (out, "config.json")):
+        modes = {
+            oct(stat.S_IMODE((folder / n).stat().st_mode)) for n in ("model.safetensors", other)
+        }
+        assert modes == {"0o640"}, folder
     exported = json.loads((out / "config.json").read_text())
     assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"]) == (
         0,

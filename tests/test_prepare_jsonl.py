@@ -150,8 +150,32 @@ def test_bad_line_fails_and_leaves_nothing(tmp_path, tokenizer_file, capsys):
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert f"{source}:3: invalid JSON" in err and "--on-error skip" in err
-    assert not out.exists() or list(out.iterdir()) == []
+    assert f"{source}:3: invalid JSON (Invalid control character at: column 17)" in err
+    assert "--on-error skip" in err
+    assert not out.exists()  # not even the folder --out named
+
+
+def test_a_cut_off_zstd_file_is_named_as_such(tmp_path, tokenizer_file, capsys):
+    """A .jsonl.zst whose download stopped: zstandard's stream reader ends quietly mid-frame,
+    and the cut line used to be reported as invalid JSON."""
+    source = tmp_path / "cut.jsonl.zst"
+    records = [json.dumps({"text": f"record {i} " * 8}) for i in range(3000)]
+    write_lines(source, records)
+    whole = source.read_bytes()
+    source.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "out" / "cut"
+    argv = ["prepare", "jsonl", str(source), "--tokenizer", str(tokenizer_file), "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {source}: the compressed stream is cut off" in err, err
+    assert "download or copy it again" in err and not out.parent.exists()
+    # frames one after another (as pzstd and zstd -B write them) are one stream
+    compressor = zstandard.ZstdCompressor()
+    data = [f"{line}\n".encode() for line in records]
+    source.write_bytes(
+        compressor.compress(b"".join(data[:1000])) + compressor.compress(b"".join(data[1000:]))
+    )
+    assert [line for chunk in read_chunks([source]) for line in chunk.lines] == data
 
 
 def test_bad_lines_skipped_and_reported(tmp_path, tokenizer_file, capsys):

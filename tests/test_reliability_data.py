@@ -307,9 +307,51 @@ def test_a_pair_replaced_while_it_is_opened_is_read_again(tmp_path, monkeypatch)
     assert [list(dataset[i]) for i in range(len(dataset))] == new
 
 
+def killed_build_leftovers(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(temporaries a killed build of copy.jsonl left, temporaries of other writers)."""
+    orphans = [
+        folder / "copy.0123abcd.train.bin.tmp-99999",
+        folder / "copy.0123abcd.validation.idx.tmp-99999",
+        folder / "copy.bpe-300.tokenizer.json.tmp-99999",
+    ]
+    others = [folder / "copy.jsonl.tmp-99999", folder / "other.0123abcd.train.bin.tmp-99999"]
+    for path in [*orphans, *others]:
+        path.write_bytes(b"half")
+    return orphans, others
+
+
+def test_a_build_under_the_lock_deletes_what_killed_builds_left(tiny_corpus, tmp_path):
+    corpus = tmp_path / "copy.jsonl"
+    corpus.write_bytes(tiny_corpus.read_bytes())
+    orphans, others = killed_build_leftovers(tmp_path)
+    config = load_config([], [*TINY_MODEL, f"data-path={corpus}"])
+    assert len(prepare_data(config, log=lambda _: None).splits["train"])
+    assert [path for path in orphans if path.exists()] == []
+    assert all(path.exists() for path in others)  # the source's own file, another corpus
+
+
+def test_configs_that_differ_only_in_special_tokens_train_their_own_tokenizers(
+    tiny_corpus, tmp_path
+):
+    corpus = tmp_path / "copy.jsonl"
+    corpus.write_bytes(tiny_corpus.read_bytes())
+    default = load_config([], [*TINY_MODEL, f"data-path={corpus}"])
+    extra = load_config([], [*TINY_MODEL, f"data-path={corpus}", SEPARATOR_TOKENS])
+    plain, separated = (prepare_data(c, log=lambda _: None) for c in (default, extra))
+    # the default keeps the name that caches and docs have (copy.bpe-300.tokenizer.json)
+    assert plain.tokenizer_file == tmp_path / "copy.bpe-300.tokenizer.json"
+    assert separated.tokenizer_file.name.startswith("copy.bpe-300-")
+    assert plain.tokenizer.token_to_id("<|sep|>") is None
+    assert separated.tokenizer.token_to_id("<|sep|>") == 2
+
+
+SEPARATOR_TOKENS = "special-tokens=[<|endoftext|>,<|padding|>,<|sep|>]"
+
+
 def test_preparing_on_a_filesystem_without_locks(tiny_corpus, tmp_path, monkeypatch):
     """Lustre mounted without `flock` answers ENOSYS: the source is prepared unlocked (each
-    file still written atomically) instead of failing."""
+    file still written atomically) instead of failing; and with no lock to tell a killed
+    build from a running one, no temporary is deleted."""
 
     def no_locks(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
@@ -317,8 +359,10 @@ def test_preparing_on_a_filesystem_without_locks(tiny_corpus, tmp_path, monkeypa
     monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
     corpus = tmp_path / "copy.jsonl"
     corpus.write_bytes(tiny_corpus.read_bytes())
+    orphans, _ = killed_build_leftovers(tmp_path)
     config = load_config([], [*TINY_MODEL, f"data-path={corpus}"])
     assert len(prepare_data(config, log=lambda _: None).splits["train"])
+    assert all(path.exists() for path in orphans)
 
 
 def test_a_source_in_a_folder_without_write_permission(tiny_corpus, tmp_path, capsys):

@@ -309,4 +309,5 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step(tiny_corpus, tmp_pa
     (checkpoint,) = assert_checkpoints_readable(run_dir)
     step = read_state(checkpoint)["step"]
     assert f"SIGTERM received at step {step}; continue with" in out, out + err
+    assert out.count("SIGTERM received: stopping after this step") == 1  # once the ranks agree
     assert max(logged_steps(run_dir)) == step  # no rank went on training

@@ -259,13 +259,18 @@ def test_a_killed_or_frozen_rank_ends_the_job_and_the_rerun_resumes(run, uninter
     try:
         job.wait_for((job.marks / "fault").is_file, "the kill")
         killed = time.monotonic()
-        code, _, err, _ = job.finish()
+        code, out, err, _ = job.finish()
         seconds = time.monotonic() - killed
     finally:
         job.stop()
     assert code != 0 and seconds < 15, (code, seconds)
     assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err  # torchrun's report
+    # the survivor says what happened (torchrun's SIGTERM to it is no stop with a checkpoint),
+    # and the run, which did not end, has no summary
+    assert "error: another process of this job failed during step 6" in err
+    assert "SIGTERM received: stopping" not in out + err and "[rank0]: Traceback" not in err
     run_dir = only_run(tmp_path, "x")
+    assert not (run_dir / "summary.json").exists()
     assert [c.name for c in list_checkpoints(run_dir / "checkpoints")] == ["step_0000004"]
 
     frozen_command = [*command, f"distributed-timeout={COLLECTIVE_TIMEOUT}"]
@@ -282,6 +287,7 @@ def test_a_killed_or_frozen_rank_ends_the_job_and_the_rerun_resumes(run, uninter
         job.stop()
     assert code != 0 and COLLECTIVE_TIMEOUT <= seconds < COLLECTIVE_TIMEOUT + 10, (code, seconds)
     assert f"Timed out waiting {COLLECTIVE_TIMEOUT * 1000}ms" in err
+    assert "error: another process of this job failed during step 9" in err
     assert only_run(tmp_path, "x") == run_dir
     assert list_checkpoints(run_dir / "checkpoints")[-1].name == "step_0000008"
 

@@ -1,17 +1,20 @@
 """Experiment tracking: W&B runs (offline, read back with `wandb leet inspect`), TensorBoard, and
 the tracking keys. No test needs a network or a W&B account."""
 
+import functools
 import json
+import re
 import subprocess
 import sys
 import types
 
 import pytest
 
-from neoxlab import cli
+from neoxlab import cli, tracking
 from neoxlab.checkpoint import read_state
 from neoxlab.config import load_config
 from neoxlab.errors import NeoxlabError
+from neoxlab.optim import lr_at
 from neoxlab.tracking import Tracker, colab_secret, read_metrics, read_summary
 from neoxlab.trainer import train
 
@@ -299,3 +302,27 @@ def test_invalid_tracking_keys(override, message):
 def test_wandb_tags_from_the_command_line():
     config = load_config([], ["wandb-tags=adamw cosine", "wandb-group=lr-sweep"])
     assert config.wandb_tags == ["adamw", "cosine"] and config.wandb_group == "lr-sweep"
+
+
+def test_progress_bar_changes_every_step_and_prints_its_end_once(
+    tiny_overrides, monkeypatch, capsys
+):
+    """Between log steps the postfix still moves, from values on the host (each step's lr, the
+    last logged loss, tokens/s from wall time); the 12/12 bar is printed once, above the final
+    evaluation, with the last logged loss."""
+    # tqdm redraws at most every 0.1 s: here every update, so each step's postfix is seen
+    monkeypatch.setattr(
+        tracking, "tqdm", functools.partial(tracking.tqdm, mininterval=0, miniters=1)
+    )
+    overrides = [*tiny_overrides, "train-iters=12", "log-interval=100", "eval-interval=100"]
+    config = load_config([], [*overrides, "save=false", "sample-tokens=0"])
+    result = train(config, progress=True, log=lambda _: None)
+    frames = [
+        f for f in re.split(r"[\r\n]", capsys.readouterr().err) if "step/s" in f or "s/step" in f
+    ]
+    shown = {int(m.group(1)): f for f in frames if (m := re.search(r"\| (\d+)/12 ", f))}
+    for step in range(2, 12):  # the step's own lr, and step 1's loss
+        assert f"lr={lr_at(step - 1, config):.2e}" in shown[step] and "loss=" in shown[step]
+    assert all("tok_s=" in shown[step] for step in range(3, 12))
+    final = [f for f in frames if "12/12" in f]
+    assert len(final) == 1 and f"loss={result.train_loss:.4f}" in final[0], frames[-3:]

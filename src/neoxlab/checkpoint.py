@@ -15,7 +15,8 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 
 from neoxlab.atomic import (
     fsync_directory,
+    give_default_permissions,
     is_temporary,
     remove_temporaries,
     temporary_path,
@@ -49,21 +51,28 @@ def checkpoint_name(step: int) -> str:
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (temporary and incomplete folders are
     ignored)."""
+    return [path for path in _step_folders(root) if is_complete(path)]
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, complete or not, oldest first (no temporaries)."""
     if not root.is_dir():
         return []
     found = [
         path
         for path in root.iterdir()
-        if path.is_dir()
-        and path.name.startswith(STEP_PREFIX)
-        and not is_temporary(path)
-        and is_complete(path)
+        if path.is_dir() and path.name.startswith(STEP_PREFIX) and not is_temporary(path)
     ]
     return sorted(found, key=lambda p: p.name)
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Every file of the checkpoint is there, as large as its state.json says.
+    """Every file of the checkpoint is there, as large as its state.json says."""
+    return incomplete_reason(checkpoint) is None
+
+
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not complete, in a few words; None when it is.
 
     state.json is written last and records the other files' sizes, so a folder that was copied
     or renamed file by file (an object-store mount renames that way) and cut short is refused,
@@ -71,20 +80,23 @@ def is_complete(checkpoint: Path) -> bool:
     every file present."""
     try:
         state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "it has no state.json"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return "its state.json is unreadable"
     sizes = state.get("file_sizes") if isinstance(state, dict) else None
-    if not isinstance(sizes, dict):
-        return all((checkpoint / name).is_file() for name in FILES)
     for name in FILES:
         if name == "state.json":
             continue
         try:
-            if (checkpoint / name).stat().st_size != sizes.get(name):
-                return False
+            size = (checkpoint / name).stat().st_size
         except OSError:
-            return False
-    return True
+            return f"it has no {name}"
+        expected = sizes.get(name) if isinstance(sizes, dict) else size
+        if size != expected:
+            recorded = f"{expected:,}" if isinstance(expected, int) else "another size"
+            return f"its {name} is {size:,} bytes, state.json says {recorded} (cut short)"
+    return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -115,6 +127,7 @@ def save_checkpoint(
         state_dict = model if isinstance(model, Mapping) else model.state_dict()
         weights = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        give_default_permissions(tmp / "model.safetensors")
         _save_training_state(training_state, tmp / "optimizer.pt")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         # last, with the other files' sizes: what is_complete checks
@@ -257,23 +270,44 @@ def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "state.json").is_file()
 
 
-def run_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint of run directory `run`, in the `save` folder its
-    config.yml names; None when it saves none or has none yet."""
+def checkpoint_folder(run: Path) -> Path | None:
+    """The `save` folder that run directory `run`'s config.yml names; None when it saves none."""
     saved = config_from_dict(read_yaml(run / "config.yml"))
-    return latest_checkpoint(run / saved.save) if saved.save else None
+    return run / saved.save if saved.save else None
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder or Hugging Face folder, or a run directory (-> newest checkpoint)."""
+def run_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of run directory `run`; None when it saves none or has
+    none yet."""
+    root = checkpoint_folder(run)
+    return latest_checkpoint(root) if root else None
+
+
+def print_note(message: str) -> None:
+    """A note for the person at the terminal, on stderr (stdout may be generated text)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def resolve_checkpoint(path: Path, notice: Callable[[str], None] = print_note) -> Path:
+    """A checkpoint folder or Hugging Face folder, or a run directory (-> newest complete
+    checkpoint; `notice` names each newer one that is skipped, and why)."""
     path = path.expanduser()
     if (path / "state.json").is_file() or is_hf_directory(path):
         return path
     if (path / "config.yml").is_file():
-        checkpoint = run_checkpoint(path)
+        root = checkpoint_folder(path)
+        checkpoint = latest_checkpoint(root) if root else None
+        newer = [
+            folder
+            for folder in (_step_folders(root) if root else [])
+            if checkpoint is None or folder.name > checkpoint.name
+        ]
+        instead = f"using {checkpoint.name}" if checkpoint else "no complete checkpoint is left"
+        for folder in newer:
+            notice(f"skipping {folder}: {incomplete_reason(folder)}; {instead}")
         if checkpoint is None:
             raise NeoxlabError(
-                f"run {path} has no checkpoint yet",
+                f"run {path} has no {'complete ' if newer else ''}checkpoint yet",
                 hint="wait for the first save-interval, or train longer",
             )
         return checkpoint

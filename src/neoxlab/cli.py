@@ -166,7 +166,7 @@ def _add_prepare_code(corpora: Any) -> None:
 def _add_prepare_jsonl(corpora: Any) -> None:
     jsonl = corpora.add_parser(
         "jsonl",
-        help="jsonl / .jsonl.gz / .jsonl.zst files or folders -> one GPT-NeoX .bin/.idx",
+        help="jsonl (or .json lines) files, .gz/.zst too, or folders -> one GPT-NeoX .bin/.idx",
         description=(
             "Tokenize every record's text (streamed, in parallel) into "
             "PREFIX_{text-key}_document.bin/.idx, the files gpt-neox's preprocess_data.py writes."
@@ -265,6 +265,7 @@ def _add_eval(commands: Any) -> None:
     )
     evaluate.add_argument("--eval-iters", type=int, help="batches to evaluate (default: config)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_no_progress(evaluate)
     evaluate.set_defaults(handler=_cmd_eval)
 
 
@@ -307,7 +308,9 @@ def _add_compare(commands: Any) -> None:
         help="metric to plot, e.g. val/loss, train/loss (repeatable; default val/loss)",
     )
     compare.add_argument(
-        "--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)"
+        "--out",
+        type=Path,
+        help="PNG to write (default comparisons/compare-<yymmdd-HHMMSS>.png, git-ignored)",
     )
     compare.add_argument(
         "--from-step",
@@ -543,12 +546,13 @@ def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from neoxlab.compare import compare
-    from neoxlab.tracking import find_run
+    from neoxlab.compare import compare, default_out
+    from neoxlab.tracking import display_path, find_run
 
     runs = [find_run(spec) for spec in args.runs]
-    print(compare(runs, args.metrics or ["val/loss"], args.out, from_step=args.from_step))
-    print(f"\nwrote {args.out}")
+    out = args.out or default_out()
+    print(compare(runs, args.metrics or ["val/loss"], out, from_step=args.from_step))
+    print(f"\nwrote {display_path(out)}")
     return 0
 
 
@@ -572,7 +576,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, sampler = build_samplers(config, data)
     iters = args.eval_iters or config.eval_iters
     batch_size = config.train_micro_batch_size_per_gpu
-    result = evaluate_run(trained.model, sampler, data, config, batch_size, runtime, iters=iters)
+    result = evaluate_run(
+        trained.model,
+        sampler,
+        data,
+        config,
+        batch_size,
+        runtime,
+        iters=iters,
+        progress=not args.no_progress,
+    )
     step = trained.state["step"]
     print(f"checkpoint: {trained.checkpoint}" + (f" (step {step})" if step is not None else ""))
     print(

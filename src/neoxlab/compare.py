@@ -8,6 +8,7 @@ throughput and wall time, best run first.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from neoxlab.errors import NeoxlabError
 from neoxlab.tracking import read_metrics, read_summary
 
 X_AXES = (("step", "step"), ("tokens", "tokens"))
+# Where comparisons go unless --out says otherwise: a folder of their own in the current one
+# (git-ignored), not loose PNGs in a repository's root.
+COMPARISONS_DIR = "comparisons"
 
 
 @dataclass
@@ -161,6 +165,18 @@ def plot(runs: list[RunRecord], metrics: list[str], out: Path, from_step: int = 
     figure.savefig(tmp, format="png", dpi=100)
     tmp.replace(out)
     return figure
+
+
+def default_out(base: Path | None = None) -> Path:
+    """`comparisons/compare-<yymmdd-HHMMSS>.png` under `base` (the cwd): one file for each
+    comparison, an earlier one never overwritten."""
+    folder = (base or Path.cwd()) / COMPARISONS_DIR
+    stem = f"compare-{time.strftime('%y%m%d-%H%M%S')}"
+    out, suffix = folder / f"{stem}.png", 1
+    while out.exists():
+        suffix += 1
+        out = folder / f"{stem}-{suffix}.png"
+    return out
 
 
 def compare(run_dirs: list[Path], metrics: list[str], out: Path, from_step: int = 0) -> str:

@@ -23,7 +23,7 @@ import yaml
 from neoxlab import neox_compat
 from neoxlab.atomic import write_atomically
 from neoxlab.errors import NeoxlabError
-from neoxlab.model import ACTIVATIONS, NORMS, ModelConfig
+from neoxlab.model import ACTIVATIONS, INIT_METHODS, NORMS, ModelConfig
 from neoxlab.optim import OPTIMIZERS, SCHEDULES
 
 # Sections only group keys; their children are ordinary keys.
@@ -58,6 +58,7 @@ ALIASES = {
 INPUT_PATH_KEYS = (
     "data_path",
     "vocab_file",
+    "merge_file",
     "init_from",
     "train_data_paths",
     "valid_data_paths",
@@ -69,7 +70,7 @@ LR_DECAY_STYLES = tuple(SCHEDULES)
 OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-TOKENIZER_TYPES = ("bpe", "char", "hf")
+TOKENIZER_TYPES = ("bpe", "char", "hf", "gpt2")
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
 # Switches whose default depends on the hardware: auto | true | false (YAML booleans accepted).
 AUTO_SWITCHES = ("compile", "chunked_cross_entropy")
@@ -88,6 +89,10 @@ FP16_DEFAULTS = {
     "initial_scale_power": 16,
     "loss_scale_window": 1000,
     "min_loss_scale": 1.0,
+    # overflows in a row (since the scale last grew) before the scale halves: DeepSpeed's
+    # delayed backoff, 2 in gpt-neox configs; 1 halves at every overflow, as torch's GradScaler
+    "hysteresis": 1,
+    "consecutive_hysteresis": False,  # DeepSpeed: True refills hysteresis at every clean step
 }
 
 
@@ -178,6 +183,21 @@ class Config:
     pos_emb: str = field(
         default="rotary", metadata=_help("position embedding; only rotary", "model")
     )
+    init_method: str = field(
+        default="small_init",
+        metadata=_help(
+            "init of every weight but the residual outputs: small_init (Pythia) | wang_init | "
+            "normal (std init-method-std) | scaled_normal (that / sqrt(2 x num-layers))",
+            "model",
+        ),
+    )
+    output_layer_init_method: str = field(
+        default="wang_init",
+        metadata=_help("init of attention dense and MLP down-projection: as init-method", "model"),
+    )
+    init_method_std: float = field(
+        default=0.02, metadata=_help("std of init-method normal and scaled_normal", "model")
+    )
     checkpoint_activations: bool = field(
         default=False, metadata=_help("recompute activations in backward to save memory", "model")
     )
@@ -203,7 +223,9 @@ class Config:
     tokenizer_type: str = field(
         default="bpe",
         metadata=_help(
-            "bpe (byte-level, trained on the data) | char | hf (vocab-file)", "tokenizer"
+            "bpe (byte-level, trained on the data) | char | hf (vocab-file: a tokenizer.json; "
+            "gpt-neox's HFTokenizer) | gpt2 (GPT-2's vocab-file + merge-file; GPT2BPETokenizer)",
+            "tokenizer",
         ),
     )
     vocab_file: str | None = field(
@@ -223,6 +245,10 @@ class Config:
         default="<|endoftext|>", metadata=_help("end-of-document token", "tokenizer")
     )
     pad_token: str = field(default="<|padding|>", metadata=_help("padding token", "tokenizer"))
+    merge_file: str | None = field(
+        default=None,
+        metadata=_help("gpt2: GPT-2's merges.txt (vocab-file is its vocab.json)", "tokenizer"),
+    )
 
     # data
     data_path: str | None = field(
@@ -269,6 +295,25 @@ class Config:
     )
     test_data_weights: list[float] | None = field(
         default=None, metadata=_help("sampling weight of each test-data-paths entry", "data")
+    )
+    weight_by_num_documents: bool = field(
+        default=False,
+        metadata=_help(
+            "weigh each split's *-data-paths by their document counts (gpt-neox's formula with "
+            "weighted-sampler-alpha), instead of *-data-weights",
+            "data",
+        ),
+    )
+    weighted_sampler_alpha: float = field(
+        default=1.0,
+        metadata=_help(
+            "weight-by-num-documents' alpha: below 1 samples small datasets more often",
+            "data",
+        ),
+    )
+    eod_mask_loss: bool = field(
+        default=False,
+        metadata=_help("no loss on the token that follows an end-of-document token", "data"),
     )
 
     # training
@@ -339,7 +384,9 @@ class Config:
     fp16: dict = field(
         default_factory=lambda: dict(FP16_DEFAULTS),
         metadata=_help(
-            "{enabled, loss_scale, initial_scale_power, loss_scale_window, min_loss_scale}",
+            "{enabled, loss_scale (> 0: static), initial_scale_power, loss_scale_window, "
+            "min_loss_scale, hysteresis (overflows before the scale halves), "
+            "consecutive_hysteresis}",
             "training",
         ),
     )
@@ -467,7 +514,22 @@ class Config:
         default=None,
         metadata=_help(
             "run directory to continue (a new run while it has no checkpoint); latest: as "
-            "--resume auto; absent: a new run",
+            "--resume auto; absent: a new run (with finetune: true, the init-from model)",
+            "checkpointing",
+        ),
+    )
+    override_lr_scheduler: bool = field(
+        default=False,
+        metadata=_help(
+            "on resume, the config's lr schedule wherever it differs from the checkpoint's, "
+            "without a notice",
+            "checkpointing",
+        ),
+    )
+    use_checkpoint_lr_scheduler: bool = field(
+        default=False,
+        metadata=_help(
+            "on resume, the checkpoint's lr, min-lr, warmup, decay steps and style",
             "checkpointing",
         ),
     )
@@ -591,6 +653,9 @@ class Config:
                 f"{self.num_attention_heads}",
                 hint="each key/value head serves an equal group of query heads",
             )
+        for name in ("init_method", "output_layer_init_method"):
+            _check_choice(name, getattr(self, name), tuple(INIT_METHODS))
+        self._check_positive("init_method_std")
 
     def _check_tokenizer(self) -> None:
         self._check_positive("vocab_size")
@@ -652,6 +717,7 @@ class Config:
 
     def _check_data(self) -> None:
         _check_choice("data_format", self.data_format, ("text", "chat"))
+        self._check_non_negative("weighted_sampler_alpha")
         parse_split(self.split)
         self._check_data_paths()
 
@@ -672,6 +738,12 @@ class Config:
 
     def _check_checkpointing(self) -> None:
         self._check_positive("save_interval", "keep_last_n_checkpoints", "exit_interval")
+        if self.override_lr_scheduler and self.use_checkpoint_lr_scheduler:
+            raise NeoxlabError(
+                "override-lr-scheduler and use-checkpoint-lr-scheduler are both true",
+                hint="the first continues with the config's schedule, the second with the "
+                "checkpoint's: set one",
+            )
 
     def _check_model_size(self) -> None:
         # Far past any GPT-NeoX-family model: such a value is a typo, and building it (even on
@@ -715,6 +787,9 @@ class Config:
         number("min_loss_scale", 0)
         number("loss_scale_window", 1, integer=True)
         number("initial_scale_power", 0, integer=True)
+        number("hysteresis", 1, integer=True)
+        if not isinstance(fp16["consecutive_hysteresis"], bool):
+            raise NeoxlabError("fp16.consecutive_hysteresis must be true or false")
         # 2 ** 128 is already infinite in fp32 (and 2.0 ** huge overflows Python floats)
         if fp16["initial_scale_power"] > MAX_SCALE_POWER:
             raise NeoxlabError(
@@ -872,7 +947,7 @@ def flatten_layer(
     if ignored is not None:
         ignored += dropped
     for key in flat:
-        if key not in FIELDS and key != neox_compat.MODEL_PARALLEL_SIZE:
+        if key not in FIELDS and key not in neox_compat.MERGED_KEYS:
             raise _unknown_key(key, origin)
         flat[key] = neox_compat.translate_value(key, flat[key])
     if base_dir is not None:
@@ -884,7 +959,10 @@ def _flatten_sections(raw: dict, put: _Put, origin: str) -> None:
     """Put every key of `raw`, a section's children as top-level keys."""
     for raw_key, value in raw.items():
         key = canonical_key(raw_key)
-        if key in SECTIONS:
+        if key == "deepspeed_extra_args" and isinstance(value, dict):
+            # gpt-neox merges these into the DeepSpeed config: they are keys like any other
+            _flatten_sections(value, put, origin)
+        elif key in SECTIONS:
             if not isinstance(value, dict):
                 raise NeoxlabError(f"section '{key}' in {origin} must be a mapping")
             for child_key, child_value in value.items():
@@ -921,7 +999,11 @@ def _translate_neox_keys(flat: dict, put: _Put, origin: str) -> list[str]:
         if key in neox_compat.TRANSLATED_KEYS:
             for new_key, new_value in neox_compat.translate(key, flat.pop(key), origin).items():
                 put(new_key, new_value)
-        elif key in neox_compat.UNUSED_KEYS and key not in FIELDS:
+        elif key in neox_compat.UNSUPPORTED:
+            neox_compat.check_supported(key, flat[key], origin)
+            if key not in FIELDS:
+                flat.pop(key)  # at the one value that means what neoxlab does anyway
+        elif key in neox_compat.IGNORED_KEYS and key not in FIELDS:
             flat.pop(key)
             dropped.append(key)
     if isinstance(flat.get("zero_optimization"), dict):
@@ -1109,14 +1191,10 @@ def _number(value: Any) -> float | None:
 
 
 def _build(merged: dict, origin: str) -> Config:
-    merged = dict(merged)
-    model_parallel = merged.pop(neox_compat.MODEL_PARALLEL_SIZE, 1)
-    if model_parallel > 1:
-        # gpt-neox pads the vocabulary to a multiple of make-vocab-size-divisible-by x the
-        # tensor-parallel degree (Pythia 6.9B: 256, 12B: 512); the same shapes need the same.
-        key = "make_vocab_size_divisible_by"
-        multiple = _coerce(key, merged.get(key, FIELDS[key].default), origin)
-        merged[key] = multiple * model_parallel
+    combined = ("train_iters", "hidden_size", "make_vocab_size_divisible_by", "seq_length")
+    merged = neox_compat.translate_merged(
+        merged, origin, {name: FIELDS[name].default for name in combined}
+    )
     values = {name: _coerce(name, value, origin) for name, value in merged.items()}
     if "optimizer" in values:
         optimizer = {"type": "Adam", "params": {}, **values["optimizer"]}
@@ -1127,10 +1205,15 @@ def _build(merged: dict, origin: str) -> Config:
         values["optimizer"] = optimizer
     if "fp16" in values:
         values["fp16"] = {**FP16_DEFAULTS, **values["fp16"]}
-        for name in ("loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale"):
+        for name in (
+            "loss_scale",
+            "initial_scale_power",
+            "loss_scale_window",
+            "min_loss_scale",
+            "hysteresis",
+        ):
             values["fp16"][name] = _numeric(values["fp16"][name])  # YAML reads 1e-4 as text
-        # DeepSpeed configs (gpt-neox's) repeat `fp16: true` inside the block.
-        unknown = set(values["fp16"]) - set(FP16_DEFAULTS) - {"hysteresis", "fp16"}
+        unknown = set(values["fp16"]) - set(FP16_DEFAULTS)
         if unknown:
             raise NeoxlabError(
                 f"unknown fp16 option(s) {sorted(unknown)} in {origin}",
@@ -1207,23 +1290,24 @@ def load_config(
 ) -> Config:
     """Read, merge (left to right, then overrides) and validate config files.
 
-    `notice` (default: print to stderr) receives at most two lines: the gpt-neox keys that were
-    ignored, and, for a gpt-neox file, the omitted keys whose gpt-neox default differs.
-    """
+    When a file is a gpt-neox config (neox_compat.is_gpt_neox_file), the keys no file or
+    override sets take gpt-neox's defaults instead of neoxlab's, gpt-neox's required keys must be
+    set and the MLP must be one gpt-neox can build. `notice` (default: print to stderr) receives
+    at most three lines: SwiGLU MLPs with biases (Llama's have none), the gpt-neox keys ignored,
+    and the gpt-neox defaults that differ from neoxlab's and applied."""
     notice = notice or _print_notice
     merged: dict = {}
     ignored: list[str] = []
-    seen: set[str] = set()  # every key any layer named, before translation
+    seen: set[str] = set()  # every key any layer named, before translation and after
     neox_files: list[str] = []
     for raw_path in paths:
         path = Path(raw_path).expanduser().resolve()
         raw = read_yaml(path)
         layer = flatten_layer(raw, str(raw_path), path.parent, ignored)
-        if isinstance(raw, dict):
-            raw_keys = {canonical_key(k) for k in raw}
-            seen |= raw_keys | set(layer)
-            if neox_compat.is_gpt_neox_file(raw_keys, set(FIELDS)):
-                neox_files.append(str(raw_path))
+        raw_keys = {canonical_key(k) for k in raw} if isinstance(raw, dict) else set()
+        seen |= raw_keys | set(layer)
+        if neox_compat.is_gpt_neox_file(raw_keys, set(FIELDS)):
+            neox_files.append(str(raw_path))
         merged = _merge(merged, layer)
     if overrides:
         cli: dict = {}
@@ -1232,27 +1316,108 @@ def load_config(
         layer = flatten_layer(cli, "command-line overrides", cwd or Path.cwd(), ignored)
         seen |= {canonical_key(k) for k in cli} | set(layer)
         merged = _merge(merged, layer)
-    origin = ", ".join(str(p) for p in paths) or "defaults"
-    if overrides:
-        origin += " + command-line overrides"
+    origin = _origin(paths, overrides)
+    defaulted: dict = {}
+    if neox_files:  # gpt-neox's defaults under the layers, and its MLP rounding checked below
+        merged, defaulted = _with_gpt_neox_defaults(merged, seen, neox_files)
     config = _build(merged, origin)
     config.validate()
+    if neox_files:
+        _check_gpt_neox_mlp(config, neox_files, notice)
     if ignored:
         notice(
-            "warning: ignoring gpt-neox keys that only steer DeepSpeed/Megatron internals: "
+            "warning: ignoring gpt-neox keys that change nothing neoxlab computes (kernels, "
+            "parallel layout, logging; docs/gpt-neox-configs.md says why each): "
             + ", ".join(_key(k) for k in dict.fromkeys(ignored))
         )
-    if config.train_data_paths:
-        seen.add("split")  # whole datasets per split: `split` does not apply
-    omitted = [k for k in neox_compat.DIFFERING_DEFAULTS if k not in seen]
-    if neox_files and omitted:
-        defaults = neox_compat.DIFFERING_DEFAULTS
-        listed = ", ".join(f"{_key(k)} (gpt-neox: {defaults[k]})" for k in omitted)
+    if defaulted:
+        listed = ", ".join(
+            f"{name} {value} (neoxlab: {_format_default(_neoxlab_default(name))})"
+            for name, value in defaulted.items()
+        )
         notice(
-            f"note: {', '.join(neox_files)} is a gpt-neox config that omits keys whose gpt-neox "
-            f"default differs from neoxlab's Pythia defaults, which apply here: {listed}"
+            f"note: {_gpt_neox_files(neox_files)}, so the keys no file sets take gpt-neox's "
+            f"defaults, not neoxlab's: {listed}"
         )
     return config
+
+
+def _origin(paths: typing.Sequence[str | Path], overrides: typing.Sequence[str]) -> str:
+    """Where a merged config came from, as errors name it."""
+    origin = ", ".join(str(p) for p in paths) or "defaults"
+    return origin + " + command-line overrides" if overrides else origin
+
+
+def _check_gpt_neox_mlp(
+    config: Config, neox_files: list[str], notice: typing.Callable[[str], None]
+) -> None:
+    """gpt-neox rounds the MLP's two layers separately (`mlp_widths`); where the roundings
+    disagree it fails on a shape mismatch, and a gpt-neox config must not train here what
+    gpt-neox cannot. SwiGLU MLPs with biases get a note: Llama's have none."""
+    first, second = mlp_widths(config)
+    gated = config.activation == "swiglu"
+    if first == (2 * second if gated else second):
+        if gated and config.use_bias_in_mlp:
+            notice(
+                f"note: {_gpt_neox_files(neox_files)} with SwiGLU MLPs that have biases "
+                "(use-bias-in-mlp is true unless set, in gpt-neox too); Llama's and Mistral's "
+                "have none: add use-bias-in-mlp=false for them (gpt-neox's llama/ configs do, "
+                "its llama2/ and mistral/ ones were written before the key existed)"
+            )
+        return
+    width = config.intermediate_size or 4 * config.hidden_size
+    halves = f" (two halves of {first // 2:,})" if gated else ""
+    raise NeoxlabError(
+        f"{_gpt_neox_files(neox_files)}, and with activation {config.activation}, "
+        f"intermediate-size {width} and mlp-multiple-of {config.mlp_multiple_of} gpt-neox "
+        f"builds an MLP whose first layer gives {first:,} values{halves} and whose second "
+        f"takes {second:,}, which it cannot run",
+        hint=f"if {width} is each half's width, as transformers counts it, write "
+        f"intermediate-size {3 * width} (gpt-neox sizes a SwiGLU MLP at ⅔ of it); or set "
+        "mlp-multiple-of (Llama: 256)"
+        if gated
+        else "choose an intermediate-size that is a multiple of 2 x mlp-multiple-of",
+    )
+
+
+def _with_gpt_neox_defaults(
+    merged: dict, seen: set[str], neox_files: list[str]
+) -> tuple[dict, dict[str, str]]:
+    """`merged` over gpt-neox's defaults for the keys nothing set, after checking gpt-neox's
+    required keys; also {hyphenated key: value} of the defaults that differ from neoxlab's."""
+    missing = neox_compat.missing_required(seen)
+    if missing:
+        raise NeoxlabError(
+            f"{_gpt_neox_files(neox_files)}, and gpt-neox needs {', '.join(missing)}, which no "
+            "file sets (it has no default for them)",
+            hint="set them, or give this file after the model's config, as gpt-neox takes "
+            "several (e.g. neoxlab train 125M.yml local_setup.yml)",
+        )
+    defaults = neox_compat.gpt_neox_defaults(seen, merged)
+    origin = f"gpt-neox's defaults (for keys no file of {', '.join(neox_files)} sets)"
+    layer = flatten_layer(defaults, origin, None)
+    differing = {}
+    for name, value in layer.items():
+        if name == "fp16":
+            fp16 = merged.get("fp16", {})
+            if fp16.get("enabled") and "hysteresis" not in fp16:  # it matters with fp16 only
+                differing["fp16.hysteresis"] = str(value["hysteresis"])
+        elif name == "split" and merged.get("train_data_paths"):
+            continue  # whole datasets per split: `split` does not apply
+        elif value != FIELDS[name].default:
+            differing[_key(name)] = _format_default(defaults.get(name, value))  # as gpt-neox says
+    return _merge(layer, merged), differing
+
+
+def _gpt_neox_files(files: list[str]) -> str:
+    return f"{', '.join(files)}: gpt-neox config{'s' if len(files) > 1 else ''}"
+
+
+def _neoxlab_default(name: str) -> Any:
+    if name == "fp16.hysteresis":
+        return FP16_DEFAULTS["hysteresis"]
+    field_ = FIELDS[canonical_key(name)]
+    return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default  # type: ignore[misc]
 
 
 def _print_notice(message: str) -> None:
@@ -1325,6 +1490,9 @@ def model_config(
         attention_dropout=config.attention_dropout,
         checkpoint_activations=config.checkpoint_activations,
         chunked_cross_entropy=chunked,
+        init_method=config.init_method,
+        output_layer_init_method=config.output_layer_init_method,
+        init_method_std=config.init_method_std,
     )
 
 

@@ -200,6 +200,20 @@ def decided_by_main(decide: Callable[[], Any], world: World) -> Any:
     return outcome[1]
 
 
+# What gloo's collectives say when another rank is gone (its connections closed, or nothing came
+# back within distributed-timeout); they raise it as a plain RuntimeError from the autograd
+# engine (DDP's gradient all-reduce) as well as from torch.distributed's own calls.
+GLOO_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def is_peer_failure(error: BaseException, world: World) -> bool:
+    """Whether `error` is a collective that failed because another process of the job did."""
+    if not world.distributed or not isinstance(error, RuntimeError):
+        return False
+    message = str(error)
+    return isinstance(error, dist.DistError) or any(m in message for m in GLOO_PEER_FAILURES)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders
 from torch import nn
+from tqdm import tqdm
 
 from neoxlab.data.batches import EVAL_STREAM, IGNORE_INDEX, Sampler
 from neoxlab.errors import NeoxlabError
@@ -29,6 +30,7 @@ CODE_METRICS = ("bits_per_byte", "line_exact_match", "line_edit_similarity", "bl
 LINE_COMPLETION_SEED = 0
 # A completion stops at the first newline; this caps one that never produces one.
 LINE_MAX_NEW_TOKENS = 64
+T = TypeVar("T")
 
 
 @torch.no_grad()
@@ -39,9 +41,10 @@ def evaluate(
     batch_size: int,
     runtime: Runtime,
     token_bytes: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Mean token loss, perplexity and accuracy over `iters` batches; with `token_bytes` (see
-    token_byte_lengths) also bits per byte.
+    token_byte_lengths) also bits per byte; with `progress`, a bar over the batches.
 
     The windows are the same at every call (fixed stream, indices and validation seed), so
     evaluations along a run, and across runs of any seed on the same data, are comparable.
@@ -52,7 +55,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     byte_count = torch.zeros((), dtype=torch.int64, device=runtime.device)
     token_count = torch.zeros((), dtype=torch.int64, device=runtime.device)  # no sync per batch
-    for index in range(iters):
+    for index in progress_bar(range(iters), "validation batches", "batch", progress):
         batch = sampler.batch(index, batch_size, stream=EVAL_STREAM).to(runtime.device)
         with runtime.autocast():
             logits, loss = model(batch.inputs, batch.targets, **batch.model_kwargs())
@@ -87,15 +90,17 @@ def evaluate_run(
     *,
     iters: int | None = None,
     generate: bool = True,
+    progress: bool = False,
 ) -> dict[str, float]:
     """`evaluate` on the validation windows and, with `code-metrics` on, the code metrics:
-    bits per byte and (unless `generate` is false) line completion on validation documents."""
+    bits per byte and (unless `generate` is false) line completion on validation documents;
+    `progress` shows bars over the batches and the lines (`neoxlab eval`, not the trainer's
+    evaluations, which its own bar surrounds)."""
     token_bytes = None
     if config.code_metrics:
         token_bytes = token_byte_lengths(data.tokenizer).to(runtime.device)
-    result = evaluate(
-        model, sampler, iters or config.eval_iters, batch_size, runtime, token_bytes=token_bytes
-    )
+    iters = iters or config.eval_iters
+    result = evaluate(model, sampler, iters, batch_size, runtime, token_bytes, progress)
     if config.code_metrics and generate:
         if data.validation_texts is None:
             raise NeoxlabError(
@@ -105,8 +110,17 @@ def evaluate_run(
         # Leave room for the completion inside the context the model was trained on.
         prompt_tokens = max(config.seq_length - LINE_MAX_NEW_TOKENS, config.seq_length // 2)
         samples = sample_lines(data.validation_texts, config.line_completion_samples)
-        result.update(line_completion(model, data.tokenizer, samples, data.eod_id, prompt_tokens))
+        completions = line_completion(
+            model, data.tokenizer, samples, data.eod_id, prompt_tokens, progress=progress
+        )
+        result.update(completions)
     return result
+
+
+def progress_bar(items: Iterable[T], description: str, unit: str, enabled: bool) -> Iterable[T]:
+    """`items` with a tqdm bar on stderr when `enabled` and stderr is a terminal (tqdm's own
+    rule); the bar is gone once done, leaving the results alone on the screen."""
+    return tqdm(items, desc=description, unit=unit, disable=None if enabled else True, leave=False)
 
 
 def format_code_metrics(result: dict[str, float]) -> str:
@@ -181,16 +195,18 @@ def line_completion(
     samples: Sequence[LineSample],
     eod_id: int,
     prompt_tokens: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Greedy completion of each sample's line: exact match rate, mean edit similarity and
-    corpus BLEU (sacrebleu, tokenize="none": tokens are the whitespace-separated words)."""
+    corpus BLEU (sacrebleu, tokenize="none": tokens are the whitespace-separated words);
+    `progress` shows a bar over the lines."""
     if not samples:
         raise NeoxlabError("the validation documents have no non-blank line to complete")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     predictions = []
-    for sample in samples:
+    for sample in progress_bar(samples, "line completions", "line", progress):
         # Training saw each document after an end-of-document token: so does the prompt.
         ids = [eod_id, *encode(tokenizer, sample.prefix)][-prompt_tokens:]
         stream = model.generate(

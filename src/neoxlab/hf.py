@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from neoxlab import __version__
+from neoxlab.atomic import give_default_permissions
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
     TrainedModel,
@@ -59,7 +60,7 @@ from neoxlab.hf_llama import (
 )
 from neoxlab.model import GPTNeoX, ModelConfig
 from neoxlab.tokenizer import load_tokenizer, save_tokenizer, token_id
-from neoxlab.tracking import read_metrics
+from neoxlab.tracking import display_path, read_metrics
 
 # transformers' hidden_act -> ours. Pythia trained with tanh GELU, but its config.json files say
 # "gelu" (exact); we honour what the file says, as transformers does.
@@ -324,7 +325,7 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
     """
     if not config.init_from:
         return config
-    source = model_source(Path(config.init_from))
+    source = model_source(_existing_init_from(Path(config.init_from)))
     wanted = {
         **source.fields,
         "tokenizer_type": "hf",
@@ -341,6 +342,13 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
             hint="leave model and tokenizer keys out: init-from brings them",
         )
     updated = dataclasses.replace(config, **wanted)
+    if updated.seq_length > updated.context_length:
+        # max-position-embeddings is the source's to decide: seq-length is what can change
+        raise NeoxlabError(
+            f"init-from {source.path} has a context of {updated.context_length} tokens: "
+            f"seq-length {updated.seq_length} must be at most that",
+            hint=f"set seq-length={updated.context_length} or lower",
+        )
     updated.validate()
     log(
         f"init-from {source.path}: {updated.num_layers} layers, hidden {updated.hidden_size}, "
@@ -348,6 +356,21 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
         f"{updated.activation}, vocabulary {source.vocab_rows} rows"
     )
     return updated
+
+
+def _existing_init_from(path: Path) -> Path:
+    """`path`, or an error saying how to download the model it names (configs name a local
+    folder, so that training never needs the Hub)."""
+    if path.expanduser().exists():
+        return path
+    shown = display_path(path)
+    # Pythia folders are named after their Hub repositories, as the configs' headers show
+    repo = f"EleutherAI/{path.name}" if path.name.startswith("pythia-") else "ORG/MODEL"
+    raise NeoxlabError(
+        f"init-from {shown} does not exist",
+        hint=f"download it once with: hf download {repo} --local-dir {shown}; or set init-from "
+        "to a Hugging Face GPTNeoX folder or a neoxlab run",
+    )
 
 
 def init_model(
@@ -391,6 +414,7 @@ def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path
             weights = to_llama_weights(weights, trained.model.config)
         # transformers refuses safetensors files without format metadata
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_default_permissions(tmp / "model.safetensors")
         _write_json(tmp / "config.json", _hf_config(trained, hf_class, eod_id, pad_id))
         _write_json(
             tmp / "generation_config.json",

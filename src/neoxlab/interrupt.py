@@ -56,6 +56,13 @@ class StopOnSignal:
         if self.received:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         self.received = number
+        # Under torchrun the message waits for the ranks' vote: torchrun also sends SIGTERM to
+        # the ranks that survive a failed one, whose next collective then fails (the trainer
+        # says so), and no step or checkpoint follows.
+        if not self.world.distributed:
+            self._announce(number)
+
+    def _announce(self, number: int) -> None:
         self.log(
             f"\n{signal.Signals(number).name} received: stopping after this step with a "
             "checkpoint (send it again to stop at once)"
@@ -70,6 +77,8 @@ class StopOnSignal:
             if arrived is not None:
                 arrived.synchronize()  # last step's vote: in flight behind last step's work only
             agreed = int(vote)
+            if agreed:
+                self._announce(agreed)
         flag = torch.full((), self.received, dtype=torch.int32, device=self.device)
         vote = distributed.max_across_ranks(flag, self.world).to("cpu", non_blocking=True)
         arrived = None

@@ -17,7 +17,7 @@ from torch import nn
 from neoxlab.config import Config, mlp_width, model_config, padded_vocab_size
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import block_matrices
-from neoxlab.tokenizer import load_tokenizer
+from neoxlab.tokenizer import STANDARD_TOKENIZERS, gpt2_tokenizer, load_tokenizer
 
 GIB = 1024**3
 RESIDUAL_BYTES = 4  # the residual stream stays fp32 under autocast (fp32 embeddings and adds)
@@ -81,7 +81,6 @@ class TrainingPlan:
             f"optimizer steps: {self.train_iters:,}; tokens in total: {self.total_tokens:,}",
         ]
 
-
     def _embedding_note(self) -> str:
         if self.parameters == self.non_embedding_parameters:
             return "the input embedding is also the output layer"
@@ -95,10 +94,19 @@ def _gib(n: int) -> str:
 
 
 def vocab_size(config: Config) -> tuple[int, str]:
-    """Unpadded vocabulary size and where it came from: the tokenizer file when it exists,
-    else `vocab-size` (the size a tokenizer trained on first run will have)."""
-    if config.vocab_file and Path(config.vocab_file).is_file():
+    """Unpadded vocabulary size and where it came from: the tokenizer file when it exists; for
+    the tokenizer types that load a published tokenizer (hf: gpt-neox's HFTokenizer, gpt2), that
+    tokenizer's size; else `vocab-size` (the size a tokenizer trained on first run will have)."""
+    files = [Path(f) for f in (config.vocab_file, config.merge_file) if f]
+    present = bool(files) and all(f.is_file() for f in files)
+    if config.tokenizer_type == "gpt2" and present and len(files) == 2:
+        tokenizer = gpt2_tokenizer(config.vocab_file or "", config.merge_file or "")
+        return tokenizer.get_vocab_size(), f"from {config.vocab_file} and {config.merge_file}"
+    if config.tokenizer_type != "gpt2" and config.vocab_file and present:
         return load_tokenizer(config.vocab_file).get_vocab_size(), f"from {config.vocab_file}"
+    standard = STANDARD_TOKENIZERS.get(config.tokenizer_type)
+    if standard is not None:
+        return standard.vocab_size, f"{standard.name}, not here yet"
     return config.vocab_size, "from vocab-size (no tokenizer file yet)"
 
 

@@ -79,6 +79,11 @@ class ModelConfig:
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
     chunked_cross_entropy: bool = False  # training loss without materialising all logits
+    # gpt-neox's init: `init_method` for every weight but the two that add into the residual
+    # stream in each block (attention dense, MLP down-projection), which take the other
+    init_method: str = "small_init"
+    output_layer_init_method: str = "wang_init"
+    init_method_std: float = 0.02  # read by normal and scaled_normal only
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -109,6 +114,12 @@ class ModelConfig:
                 f"rotary-pct {self.rotary_pct} of head size {self.head_dim} gives "
                 f"{self.rotary_ndims} rotary dims; that must be an even number of at least 2"
             )
+        for key in ("init_method", "output_layer_init_method"):
+            if getattr(self, key) not in INIT_METHODS:
+                raise NeoxlabError(
+                    f"unknown {key.replace('_', '-')} {getattr(self, key)!r}; choose one of "
+                    f"{', '.join(INIT_METHODS)}"
+                )
         for key, choices in (("activation", ACTIVATIONS), ("norm", NORMS)):
             if getattr(self, key) not in choices:
                 raise NeoxlabError(
@@ -133,6 +144,21 @@ class ModelConfig:
         """Query heads that share one key/value head (1: plain multi-head attention)."""
         assert self.num_kv_heads is not None  # set by __post_init__
         return self.num_attention_heads // self.num_kv_heads
+
+
+# gpt-neox's init methods: name -> the standard deviation of the normal its weights are drawn from
+INIT_METHODS = {
+    "small_init": lambda c: math.sqrt(2 / (5 * c.hidden_size)),
+    # output projections add into the residual stream once per layer: scale down with depth
+    "wang_init": lambda c: 2 / (c.num_layers * math.sqrt(c.hidden_size)),
+    "normal": lambda c: c.init_method_std,
+    "scaled_normal": lambda c: c.init_method_std / math.sqrt(2 * c.num_layers),
+}
+
+
+def init_std(method: str, config: ModelConfig) -> float:
+    """The standard deviation gpt-neox's init `method` draws weights with."""
+    return INIT_METHODS[method](config)
 
 
 def rotary_cos_sin(config: ModelConfig, position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -337,21 +363,21 @@ class GPTNeoX(nn.Module):
         return head.weight
 
     def init_weights(self) -> None:
-        """GPT-NeoX's init: "small_init", but "wang_init" for the layers that feed the residual."""
-        hidden, layers = self.config.hidden_size, self.config.num_layers
-        small_std = math.sqrt(2 / (5 * hidden))
-        # output projections add into the residual stream once per layer: scale down with depth
-        wang_std = 2 / (layers * math.sqrt(hidden))
+        """GPT-NeoX's init (Pythia's: "small_init", but "wang_init" for the layers that feed the
+        residual stream); biases zero, norms the identity."""
+        config = self.config
+        std = init_std(config.init_method, config)
+        output_std = init_std(config.output_layer_init_method, config)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 is_residual_output = name.endswith(("attention.dense", "mlp.dense_4h_to_h"))
                 nn.init.normal_(
-                    module.weight, mean=0.0, std=wang_std if is_residual_output else small_std
+                    module.weight, mean=0.0, std=output_std if is_residual_output else std
                 )
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=small_std)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()  # scale 1, bias 0: the identity
 

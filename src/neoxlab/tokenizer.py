@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -25,6 +26,32 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|padding|>")
 CHAR_UNKNOWN_TOKEN = "<|unk|>"
 
 BYTE_ALPHABET_SIZE = 256
+
+
+@dataclass(frozen=True)
+class StandardTokenizer:
+    """A published tokenizer that a tokenizer type means when a config names no file."""
+
+    name: str
+    vocab_size: int  # tokens, before the embedding is padded
+    download: str
+
+
+# gpt-neox's HFTokenizer configs without a file (Pythia's) mean GPT-NeoX-20B's tokenizer;
+# its GPT2BPETokenizer (the default tokenizer-type) means GPT-2's vocabulary and merges.
+STANDARD_TOKENIZERS = {
+    "hf": StandardTokenizer(
+        "GPT-NeoX-20B's tokenizer.json",
+        50277,
+        "https://huggingface.co/EleutherAI/gpt-neox-20b/resolve/main/tokenizer.json",
+    ),
+    "gpt2": StandardTokenizer(
+        "GPT-2's vocab.json and merges.txt",
+        50257,
+        "https://s3.amazonaws.com/models.huggingface.co/bert/gpt2-vocab.json and "
+        "https://s3.amazonaws.com/models.huggingface.co/bert/gpt2-merges.txt",
+    ),
+}
 
 
 def train_bpe(
@@ -95,6 +122,29 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text).ids
 
 
+def gpt2_tokenizer(vocab_file: str | Path, merge_file: str | Path) -> Tokenizer:
+    """GPT-2's byte-level BPE from its vocab.json and merges.txt, as gpt-neox's GPT2BPETokenizer
+    splits text (<|endoftext|> stays an ordinary vocabulary entry, id 50256). <|padding|> is
+    added after GPT-2's tokens: neoxlab's runs name a padding token, and the embedding padded to
+    a multiple of 128 has that row anyway, so the model's shape does not change."""
+    for path in (vocab_file, merge_file):
+        if not Path(path).is_file():
+            raise NeoxlabError(f"no such tokenizer file: {path}")
+    try:
+        model = models.BPE.from_file(str(vocab_file), str(merge_file))
+    except Exception as error:
+        if type(error) is not Exception:  # `tokenizers` reports bad files as bare Exceptions
+            raise
+        raise NeoxlabError(
+            f"{vocab_file} and {merge_file} are not a GPT-2 vocabulary: {error}"
+        ) from None
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([SPECIAL_TOKENS[1]])
+    return tokenizer
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load tokenizer.json, given the file itself or the directory that holds it."""
     path = Path(path)
@@ -103,7 +153,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise NeoxlabError(
             f"no tokenizer at {file}",
             hint="give a tokenizer.json or a folder holding one: a run (runs/<run>) or a "
-            "downloaded model (huggingface-cli download EleutherAI/pythia-160m "
+            "downloaded model (hf download EleutherAI/pythia-160m "
             "--local-dir models/pythia-160m)",
         )
     try:

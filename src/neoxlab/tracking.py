@@ -124,6 +124,11 @@ def find_run(spec: str | Path, base: Path | None = None) -> Path:
             )
         return max(runs, key=lambda run: (run / "config.yml").stat().st_mtime)
     path = Path(spec).expanduser()
+    if not path.exists():
+        raise NeoxlabError(
+            f"run {path} does not exist",
+            hint=f"runs are the folders under {RUNS_DIR}/ (ls {RUNS_DIR}), or `latest`",
+        )
     if not (path / "config.yml").is_file():
         raise NeoxlabError(
             f"{path} is not a neoxlab run directory (no config.yml)",
@@ -240,6 +245,15 @@ class Tracker:
         if self.wandb:
             self.wandb.finish(summary, checkpoint)
 
+    def abandon(self) -> None:
+        """The run failed (a peer process died, a crash): close the sinks and mark the W&B run
+        failed, but write no summary.json, which says that a run ended."""
+        self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.run.finish(exit_code=1)
+
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a run that has finished (or stopped early) at least once; else {}."""
@@ -252,7 +266,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(clean, indent=2) + "\n")
 
 
-def _shown(path: Path) -> str:
+def display_path(path: Path) -> str:
     """`path` relative to the working directory when inside it (shorter commands to copy)."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
@@ -487,9 +501,9 @@ def _offline_folders(run: Any, run_dir: Path) -> str:
     """The folders `wandb sync` uploads this run from: all of its parts (a resumed run adds
     one) and no other run's, which share a WANDB_DIR but not a run directory."""
     if not os.environ.get("WANDB_DIR"):
-        return f"{_shown(run_dir)}/{WANDB_OFFLINE_GLOB}"
+        return f"{display_path(run_dir)}/{WANDB_OFFLINE_GLOB}"
     wandb_folder = Path(run.dir).parents[1]  # run.dir is <folder>/offline-run-<time>-<id>/files
-    return f"{_shown(wandb_folder)}/offline-run-*-{run.id}"
+    return f"{display_path(wandb_folder)}/offline-run-*-{run.id}"
 
 
 def _saved_samples(run_dir: Path, up_to: int | None) -> list[list[Any]]:
@@ -589,23 +603,49 @@ def _parse_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and MFU (ETA from tqdm)."""
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s and MFU (ETA from tqdm).
 
-    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+    Its postfix changes every step from values already on the host, so the bar never waits
+    for the GPU: the loss and MFU of the last logged step, the step's lr (a host-side
+    schedule), and tokens/s from tqdm's smoothed step rate, which is host wall time, until a
+    log step brings the measured one (evaluation and checkpoints left out, as logged). The
+    final state prints once, when the bar closes."""
+
+    def __init__(
+        self, total: int, initial: int, tokens_per_step: int, enabled: bool = True
+    ) -> None:
         self.bar = tqdm(
             total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
         )
+        self.tokens_per_step = tokens_per_step
+        self.postfix: dict[str, str] = {}
 
-    def advance(self) -> None:
-        self.bar.update(1)
+    def advance(self, lr: float) -> None:
+        """One optimizer step done, trained with `lr`."""
+        if self.bar.disable:
+            return
+        rate = self.bar.format_dict["rate"]  # steps/s, tqdm's moving average
+        self.postfix["lr"] = f"{lr:.2e}"
+        if rate:
+            self.postfix["tok_s"] = f"{rate * self.tokens_per_step:,.0f}"
+        self._set_postfix()
+        if self.bar.n + 1 < self.bar.total:
+            self.bar.update(1)  # redraws at most every 0.1 s (tqdm's mininterval)
+        else:
+            self.bar.n += 1  # the last step: shown once, by close()
 
-    def show(
-        self, loss: float, lr: float, tokens_per_second: float, mfu: float | None = None
-    ) -> None:
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_second:,.0f}"}
+    def logged(self, loss: float, tokens_per_second: float, mfu: float | None = None) -> None:
+        """The values of a log step (read from the device by that step's one sync)."""
+        self.postfix["loss"] = f"{loss:.4f}"
+        self.postfix["tok_s"] = f"{tokens_per_second:,.0f}"
         if mfu is not None:  # only where the GPU's peak is known
-            postfix["mfu"] = f"{mfu:.1%}"
-        self.bar.set_postfix(postfix)
+            self.postfix["mfu"] = f"{mfu:.1%}"
+        self._set_postfix()
+
+    def _set_postfix(self) -> None:
+        order = ("loss", "lr", "tok_s", "mfu")
+        shown = {key: self.postfix[key] for key in order if key in self.postfix}
+        self.bar.set_postfix(shown, refresh=False)
 
     def write(self, message: str) -> None:
         self.bar.write(message)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
@@ -34,8 +33,10 @@ from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
 from neoxlab.hf import apply_init_from, init_model
 from neoxlab.interrupt import StopOnSignal
+from neoxlab.loss_scale import build_grad_scaler
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
+from neoxlab.resume_schedule import schedule_on_resume
 from neoxlab.runtime import Runtime, model_flops_utilization, resolve_runtime
 from neoxlab.tokenizer import encode, load_tokenizer, save_tokenizer
 from neoxlab.tracking import Progress, Tracker, new_run_dir, run_info
@@ -105,20 +106,6 @@ def build_model(
         return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
     return GPTNeoX(model_config(config, vocab, train_device_type)).to(device)
-
-
-def _scaler(config: Config, runtime: Runtime, sharded: bool = False) -> torch.amp.GradScaler:
-    fp16 = config.fp16
-    static = fp16["loss_scale"] > 0
-    # Sharded gradients: each rank sees only its shard, so overflow must be agreed across ranks.
-    scaler_class = ShardedGradScaler if sharded else torch.amp.GradScaler
-    return scaler_class(
-        runtime.device.type,
-        enabled=runtime.precision == "fp16",
-        init_scale=fp16["loss_scale"] if static else 2.0 ** fp16["initial_scale_power"],
-        # A static loss scale (gpt-neox `loss_scale` > 0) never grows.
-        growth_interval=2**31 - 1 if static else fp16["loss_scale_window"],
-    )
 
 
 def _quiet(message: str) -> None:
@@ -252,7 +239,10 @@ class Trainer:
         self.data: PreparedData = self._prepare_data()
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = _scaler(config, self.runtime, sharded=self.sharded)
+        # Sharded gradients: each rank sees only its shard, so overflow is agreed across ranks.
+        self.scaler = build_grad_scaler(
+            self.runtime.device.type, self.runtime.precision == "fp16", config.fp16, self.sharded
+        )
         self.step = 0
         self.tokens = 0
         self.best_val_loss: float | None = None
@@ -329,6 +319,7 @@ class Trainer:
             self.log(
                 f"note: train-iters changed from {previous_iters} to {self.config.train_iters}"
             )
+        self.config = schedule_on_resume(self.config, state["config"], self.log)
         self.log(f"resuming {self.run_dir.name} from {checkpoint.name} (step {self.step})")
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]]:
@@ -357,6 +348,7 @@ class Trainer:
         """Train from the current step to train-iters, or to the next exit-interval multiple."""
         loop = self._start()
         signals = StopOnSignal(self.world, self.runtime.device, loop.progress.write).install()
+        ended = False  # the loop came to an end (or stopped the run itself): a summary is due
         try:
             while self.step < loop.end:
                 loss, grad_norm = self._train_step(loop.model)
@@ -366,9 +358,17 @@ class Trainer:
                 if stop:
                     self.stopped_by = signal.Signals(stop).name
                     break
+            ended = True
+        except NeoxlabError:
+            ended = True  # diverged, or could not save: the run ends here, and says why
+            raise
+        except RuntimeError as error:
+            if distributed.is_peer_failure(error, self.world):
+                raise self._peer_failed(error) from None
+            raise
         finally:
             signals.restore()
-            self._finish(loop)
+            self._finish(loop, ended)
         return TrainResult(
             self.run_dir,
             self.step,
@@ -399,8 +399,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if not resumed and self.step < end:
             last_eval = self._eval_and_log(tracker, progress=None)
+        tokens_per_step = self.global_batch * self.config.seq_length
         progress = (
-            Progress(end, self.step, enabled=self.show_progress)
+            Progress(end, self.step, tokens_per_step, enabled=self.show_progress)
             if self.world.is_main
             else _Silent()
         )
@@ -477,7 +478,7 @@ class Trainer:
         step_tokens = self.global_batch * self.config.seq_length
         self.tokens += step_tokens
         loop.window_tokens += step_tokens
-        loop.progress.advance()
+        loop.progress.advance(lr_at(self.step - 1, self.config))
 
     def _log_eval_save(
         self, loop: _LoopState, loss: torch.Tensor, grad_norm: torch.Tensor, last: bool
@@ -494,6 +495,8 @@ class Trainer:
             self._check_health()
         if logging:
             self._log_train(loop, loss, grad_norm)
+        if last:
+            loop.progress.close()  # the final bar prints once, above what the end writes
         pause_start = time.perf_counter()
         if evaluating:
             loop.last_eval = self._eval_and_log(loop.tracker, loop.progress)
@@ -524,9 +527,7 @@ class Trainer:
                 loop.flops_per_token, tokens_per_second, loop.peak_flops, self.world.world_size
             )
         loop.tracker.log(record)
-        loop.progress.show(
-            loop.train_loss, record["train/lr"], tokens_per_second, record.get("train/mfu")
-        )
+        loop.progress.logged(loop.train_loss, tokens_per_second, record.get("train/mfu"))
         loop.window_start, loop.window_tokens = time.perf_counter(), 0
 
     def _eval_and_log(
@@ -554,8 +555,19 @@ class Trainer:
             write(f"--- sample at step {self.step} ---\n{sample}\n---")
         return result
 
-    def _finish(self, loop: _LoopState) -> None:
+    def _peer_failed(self, error: RuntimeError) -> NeoxlabError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        return NeoxlabError(
+            f"another process of this job failed during step {self.step + 1} ({first_line})",
+            hint="its own error says why (torchrun names the failed rank); fix that, then "
+            f"continue from the last checkpoint: neoxlab train --resume {self.run_dir}",
+        )
+
+    def _finish(self, loop: _LoopState, ended: bool) -> None:
         loop.progress.close()
+        if not ended:
+            loop.tracker.abandon()
+            return
         summary = {
             "step": self.step,
             "tokens": self.tokens,

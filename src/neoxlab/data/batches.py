@@ -91,6 +91,22 @@ class WindowSampler:
         return Batch(windows[:, :-1], windows[:, 1:])
 
 
+class EodMaskedSampler:
+    """gpt-neox's `eod-mask-loss`: the batches of `sampler` without loss where the input token
+    is the end-of-document token, i.e. on the first token of the next document, which nothing in
+    the window before it predicts (gpt-neox masks by input, not by target: the end-of-document
+    token itself is still learned)."""
+
+    def __init__(self, sampler: Sampler, eod_id: int) -> None:
+        self.sampler = sampler
+        self.eod_id = eod_id
+
+    def batch(self, step: int, count: int, stream: int = TRAIN_STREAM) -> Batch:
+        batch = self.sampler.batch(step, count, stream)
+        targets = batch.targets.masked_fill(batch.inputs == self.eod_id, IGNORE_INDEX)
+        return dataclasses.replace(batch, targets=targets)
+
+
 # Splits up to this many tokens live on the GPU (as int32: 512 MiB at most). Tiny Shakespeare is
 # 1M tokens, the Python standard library ~3M; C4-sized corpora stay on disk and stream.
 DEVICE_RESIDENT_MAX_TOKENS = 1 << 27
@@ -159,6 +175,10 @@ def on_device(sampler: Sampler, device: torch.device, prefetch: bool = True) -> 
     CPU batches are already where they are needed."""
     if device.type != "cuda":
         return sampler
+    if isinstance(sampler, EodMaskedSampler):
+        inner = on_device(sampler.sampler, device, prefetch=False)
+        if inner is not sampler.sampler:  # its tokens moved to the GPU: mask there too
+            return EodMaskedSampler(inner, sampler.eod_id)
     if isinstance(sampler, WindowSampler) and len(sampler.tokens) <= DEVICE_RESIDENT_MAX_TOKENS:
         return DeviceWindowSampler(sampler, device)
     return PrefetchingSampler(sampler, pin=True) if prefetch else sampler

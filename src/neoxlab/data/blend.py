@@ -36,6 +36,28 @@ def blend(streams: list[np.ndarray], weights: list[float], names: list[str]) -> 
     return Blend([s for s, _, _ in kept], [w / total for _, w, _ in kept], [n for *_, n in kept])
 
 
+def weights_by_document_count(documents: list[int], alpha: float) -> list[float]:
+    """gpt-neox's `weight-by-num-documents` weights for datasets of `documents` sequences each.
+
+    Each dataset's share of all documents, p, is raised to `alpha` (below 1 lifts the small
+    datasets, 0 evens them out) and renormalised; gpt-neox then multiplies by 1 - p and
+    renormalises again. One dataset gets all the weight.
+    """
+    if len(documents) == 1:
+        return [1.0]
+    total = sum(documents)
+    if total <= 0:
+        raise NeoxlabError("weight-by-num-documents: the datasets hold no documents")
+    shares = [count / total for count in documents]
+    lifted = _normalised([share**alpha for share in shares])
+    return _normalised([weight * (1 - share) for weight, share in zip(lifted, shares, strict=True)])
+
+
+def _normalised(values: list[float]) -> list[float]:
+    total = sum(values)
+    return [value / total for value in values]
+
+
 class BlendedWindowSampler:
     """Windows of seq-length + 1 tokens, each from a dataset drawn by weight."""
 

@@ -10,6 +10,7 @@ file, split by a stable hash so that a file never appears in two splits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -28,9 +29,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from neoxlab.atomic import write_atomically
+from neoxlab.atomic import output_folder, write_atomically
 from neoxlab.config import parse_split
 from neoxlab.errors import NeoxlabError
 
@@ -59,7 +60,9 @@ def cache_dir() -> Path:
 
 
 def fetch_shakespeare(source: str | Path | None = None) -> Path:
-    """A verified copy of Tiny Shakespeare in the cache, from `source`, the mirror or the web."""
+    """A verified Tiny Shakespeare input.txt: `source` itself when given, else the copy in the
+    cache, taken from the mirror or the web. A source or mirror file is copied into the cache
+    too, so that later runs find it offline."""
     cached = cache_dir() / SHAKESPEARE_RELATIVE_PATH
     if source is not None:
         origin = Path(source)
@@ -79,9 +82,8 @@ def fetch_shakespeare(source: str | Path | None = None) -> Path:
         _download_verified(SHAKESPEARE_URL, cached, SHAKESPEARE_SHA256)
         return cached
     _check_sha256(origin, SHAKESPEARE_SHA256)
-    if origin.resolve() != cached.resolve():
-        _copy_atomically(origin, cached)
-    return cached
+    kept = _keep_in_cache(origin, cached)
+    return origin if source is not None else kept
 
 
 def write_shakespeare_jsonl(
@@ -364,25 +366,15 @@ def _write_code_corpus(
     fractions = parse_split(split)
     report.max_file_bytes = max_file_bytes
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            for path, key, content in candidates:
-                text = _clean(content, max_file_bytes, report)
-                if text is None:
-                    continue
-                name = split_of(text if key is None else key, fractions)
-                report.files[name] += 1
-                report.kept_bytes += len(text.encode("utf-8"))
-                record = {"text": text, "split": name, "path": path}
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                if max_files is not None and report.kept >= max_files:
-                    break
-        _check_code_splits(report, fractions)
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)  # a failed run leaves no half-written corpus behind
+    with output_folder(out.parent):  # a failed run leaves no new folder behind
+        try:
+            with open(temporary, "w", encoding="utf-8") as file:
+                _write_records(candidates, file, report, max_files, max_file_bytes, fractions)
+            _check_code_splits(report, fractions)
+            os.replace(temporary, out)
+        finally:
+            temporary.unlink(missing_ok=True)  # nor a half-written corpus
     report.out = str(out)
     report.seconds = time.perf_counter() - started
     write_atomically(
@@ -390,6 +382,28 @@ def _write_code_corpus(
         json.dumps({**asdict(report), "kept": report.kept}, indent=2) + "\n",
     )
     return report
+
+
+def _write_records(
+    candidates: Iterator[_Candidate],
+    file: TextIO,
+    report: CodeReport,
+    max_files: int | None,
+    max_file_bytes: int,
+    fractions: tuple[float, float, float],
+) -> None:
+    """One jsonl record per kept candidate, counted in `report`, up to `max_files`."""
+    for path, key, content in candidates:
+        text = _clean(content, max_file_bytes, report)
+        if text is None:
+            continue
+        name = split_of(text if key is None else key, fractions)
+        report.files[name] += 1
+        report.kept_bytes += len(text.encode("utf-8"))
+        record = {"text": text, "split": name, "path": path}
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if max_files is not None and report.kept >= max_files:
+            break
 
 
 def _clean(content: bytes | str | None, max_file_bytes: int, report: CodeReport) -> str | None:
@@ -542,13 +556,14 @@ def _hf_stem(spec: str, config: str | None) -> str:
 
 
 def _download_verified(url: str, destination: Path, sha256: str) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
     try:
-        with (
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response,
-            open(temporary, "wb") as file,
-        ):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        file = open(temporary, "wb")  # noqa: SIM115 (closed by the with-block below)
+    except OSError as error:
+        raise _cache_error(destination, error) from None
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response, file:
             shutil.copyfileobj(response, file)
     except (OSError, http.client.HTTPException) as error:
         # URLError, timeouts and SSL errors are OSErrors; a cut connection is an HTTPException.
@@ -578,11 +593,28 @@ def _check_sha256(path: Path, expected: str) -> None:
         )
 
 
-def _copy_atomically(origin: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
-    shutil.copyfile(origin, temporary)
-    os.replace(temporary, destination)
+def _keep_in_cache(origin: Path, cached: Path) -> Path:
+    """`cached`, now a copy of the verified `origin`; `origin` itself when the cache cannot be
+    written: the copy only spares later runs the download, it is no reason to stop this one."""
+    if origin.resolve() == cached.resolve():
+        return cached
+    temporary = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(origin, temporary)
+        os.replace(temporary, cached)
+    except OSError:
+        with contextlib.suppress(OSError):  # there is none when the folder was not made
+            temporary.unlink()
+        return origin
+    return cached
+
+
+def _cache_error(path: Path, error: OSError) -> NeoxlabError:
+    return NeoxlabError(
+        f"could not write {path} in the neoxlab cache: {error.strerror or error}",
+        hint="set NEOXLAB_CACHE to a folder you can write to",
+    )
 
 
 def _sha256(path: Path) -> str:

@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from neoxlab.atomic import temporary_path, write_error
+from neoxlab.atomic import make_folders, remove_empty_folders, temporary_path, write_error
 from neoxlab.errors import NeoxlabError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -96,11 +96,13 @@ class IndexedDatasetWriter:
         self._idx_temporary = temporary_path(self.idx_path)
         self._sizes = array("q")
         self._doc_idx = array("q", [0])
+        self._created_folders: list[Path] = []  # removed again, when empty, by discard()
         try:
-            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self._created_folders = make_folders(self.bin_path.parent)
             # Open across add_document calls; close() or discard() closes it.
             self._bin_file = open(self._bin_temporary, "wb")  # noqa: SIM115
         except OSError as err:
+            remove_empty_folders(self._created_folders)
             raise write_error(self.bin_path, err) from None
         self._closed = False
 
@@ -167,6 +169,7 @@ class IndexedDatasetWriter:
         with contextlib.suppress(OSError):
             self._bin_file.close()
         self._remove_temporaries()
+        remove_empty_folders(self._created_folders)
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self

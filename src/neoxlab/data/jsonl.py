@@ -1,5 +1,7 @@
 """`neoxlab prepare jsonl`: jsonl corpora (plain, .gz, .zst) -> one GPT-NeoX .bin/.idx, streamed.
 
+`.json` files are read as JSON lines too (C4 ships `c4-train.*.json.gz`, one record a line).
+
 Writes what gpt-neox's tools/datasets/preprocess_data.py writes for the same tokenizer.json and
 key: each record's text encoded as HF tokenizers encode it (`Tokenizer.encode(text).ids`, as
 gpt-neox's HFTokenizer does), the end-of-document token appended, empty texts skipped, one
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import zstandard
@@ -36,8 +38,9 @@ from neoxlab.data.indexed import IndexedDatasetWriter, best_dtype
 from neoxlab.errors import NeoxlabError
 from neoxlab.tokenizer import load_tokenizer, token_id
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 CHUNK_BYTES = 1 << 20
+ZSTD_READ_BYTES = 1 << 17  # compressed bytes per read: a few MB once decompressed
 ON_ERROR = ("fail", "skip")
 REPORTED_BAD_LINES = 20  # with --on-error skip, the first ones are printed; all are counted
 
@@ -109,10 +112,53 @@ def _open_binary(path: Path) -> IO[bytes]:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
-        # A stream reader decompresses as it goes: the file is never held whole in memory.
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.BufferedReader(raw)
+        return io.BufferedReader(ZstdFrames(path))
     return open(path, "rb")
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed as it is read, frame after frame (never held whole in memory).
+
+    A file that ends inside a frame (a download or copy cut short) raises EOFError, as gzip
+    does; zstandard's own stream_reader just stops there, and the cut line looked like bad JSON.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the decompressobj of the frame being read; None between frames
+        self._ready = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._ready:
+            compressed = self._file.read(ZSTD_READ_BYTES)
+            if not compressed:
+                if self._frame is not None:
+                    raise EOFError("the compressed stream is cut off (the file ends mid-frame)")
+                return 0
+            self._ready = memoryview(self._decompress(compressed))
+        count = min(len(buffer), len(self._ready))
+        buffer[:count] = self._ready[:count]
+        self._ready = self._ready[count:]  # a view: no copy of the rest
+        return count
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        parts = []
+        while compressed:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            parts.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            compressed, self._frame = self._frame.unused_data, None  # the next frame's bytes
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def read_chunks(files: Sequence[Path], chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
@@ -129,7 +175,10 @@ def read_chunks(files: Sequence[Path], chunk_bytes: int = CHUNK_BYTES) -> Iterat
                         lines, size, first = [], 0, number + 1
                 if lines:
                     yield Chunk(str(path), first, lines)
-        except (OSError, EOFError, zstandard.ZstdError) as err:
+        except EOFError as err:
+            hint = "the file is incomplete: download or copy it again"
+            raise NeoxlabError(f"cannot read {path}: {err}", hint=hint) from None
+        except (OSError, zstandard.ZstdError) as err:
             raise NeoxlabError(f"cannot read {path}: {err}") from None
 
 
@@ -153,6 +202,8 @@ def _init_worker(tokenizer_file: str, text_key: str, eod_id: int | None, dtype: 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
     """Parse and tokenize one chunk with the state `_init_worker` set."""
     key = _worker["text_key"]
+    named_json = ".jsonl" not in Path(chunk.path).name  # C4's .json(.gz): JSON lines as well
+    json_hint = " (a .json input must hold one record per line)" if named_json else ""
     texts: list[str] = []
     bad: list[str] = []
     empty = text_bytes = 0
@@ -167,7 +218,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
             bad.append(f"{where}: not UTF-8")
             continue
         except json.JSONDecodeError as err:
-            bad.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+            bad.append(f"{where}: invalid JSON ({err.msg}: column {err.colno}){json_hint}")
             continue
         if not isinstance(record, dict) or key not in record:
             bad.append(f"{where}: no {key!r} key")

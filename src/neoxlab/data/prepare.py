@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from neoxlab.atomic import exclusive_lock, write_atomically
+from neoxlab.atomic import exclusive_lock, remove_temporaries, write_atomically
 from neoxlab.config import Config, parse_split
-from neoxlab.data.batches import VALIDATION_SEED, Sampler
-from neoxlab.data.blend import Blend, blend, make_sampler
+from neoxlab.data.batches import VALIDATION_SEED, EodMaskedSampler, Sampler
+from neoxlab.data.blend import Blend, blend, make_sampler, weights_by_document_count
 from neoxlab.data.chat import (
     META_FILE,
     ChatExamples,
@@ -50,6 +51,8 @@ from neoxlab.data.indexed import IndexedDataset, IndexedDatasetWriter, best_dtyp
 from neoxlab.errors import NeoxlabError
 from neoxlab.tokenizer import (
     SPECIAL_TOKENS,
+    STANDARD_TOKENIZERS,
+    gpt2_tokenizer,
     load_tokenizer,
     read_text,
     token_id,
@@ -85,8 +88,7 @@ NO_DATA_PATH_HINT = (
 
 
 def prepare_data(config: Config, log: Callable[[str], None] = print) -> PreparedData:
-    if config.tokenizer_type == "hf" and not config.vocab_file:
-        raise NeoxlabError("tokenizer-type hf needs vocab-file (a tokenizer.json)")
+    _check_tokenizer_files(config)
     if config.train_data_paths:
         return _open_blends(config)
     if not config.data_path:
@@ -100,13 +102,56 @@ def prepare_data(config: Config, log: Callable[[str], None] = print) -> Prepared
 
 
 def build_samplers(config: Config, data: PreparedData) -> tuple[Sampler, Sampler]:
-    """The train and validation samplers: random windows, or whole chat examples."""
+    """The train and validation samplers: random windows, or whole chat examples; with
+    eod-mask-loss, both leave out the loss gpt-neox masks (training and validation alike)."""
     if data.examples is not None:
-        return _chat_samplers(config, data)
-    return (
-        make_sampler(data.splits["train"], config.seq_length, config.seed, "train"),
-        make_sampler(data.splits["validation"], config.seq_length, VALIDATION_SEED, "validation"),
-    )
+        samplers: tuple[Sampler, Sampler] = _chat_samplers(config, data)
+    else:
+        samplers = (
+            make_sampler(data.splits["train"], config.seq_length, config.seed, "train"),
+            make_sampler(
+                data.splits["validation"], config.seq_length, VALIDATION_SEED, "validation"
+            ),
+        )
+    if config.eod_mask_loss:
+        return EodMaskedSampler(samplers[0], data.eod_id), EodMaskedSampler(
+            samplers[1], data.eod_id
+        )
+    return samplers
+
+
+# ---- tokenizer files ---------------------------------------------------------------------------
+
+
+def _check_tokenizer_files(config: Config) -> None:
+    """hf and gpt2 load a published tokenizer: --dry-run assumes its size, training needs it."""
+    standard = STANDARD_TOKENIZERS.get(config.tokenizer_type)
+    if standard is None:
+        return
+    keys = ["vocab_file", "merge_file"] if config.tokenizer_type == "gpt2" else ["vocab_file"]
+    for key in keys:
+        path = getattr(config, key)
+        if not path or not Path(path).is_file():
+            where = f"{path} does not exist" if path else "it is not set"
+            raise NeoxlabError(
+                f"tokenizer-type {config.tokenizer_type} needs {key.replace('_', '-')} ({where}); "
+                f"gpt-neox configs that name no file mean {standard.name}",
+                hint=f"download {standard.download} and set "
+                + " and ".join(f"{k.replace('_', '-')}=PATH" for k in keys),
+            )
+
+
+def _tokenizer_json(config: Config) -> Path:
+    """The tokenizer.json the config names. GPT-2's vocab.json + merges.txt are converted once,
+    to `<vocab stem>.tokenizer.json` beside them (checkpoints carry a tokenizer.json)."""
+    vocab = Path(config.vocab_file or "")
+    if config.tokenizer_type != "gpt2":
+        return vocab
+    converted = vocab.with_name(f"{vocab.stem}.tokenizer.json")
+    if not converted.is_file():
+        tokenizer = gpt2_tokenizer(vocab, config.merge_file or "")
+        write_atomically(converted, tokenizer.to_str(pretty=True))
+    return converted
 
 
 # ---- raw text sources ------------------------------------------------------------------------
@@ -152,7 +197,9 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
         # tokenized once, with one tokenizer, and no two builders race on the same files.
         lock = path.with_name(f"{path.name}.lock")
         waiting = f"waiting for another process preparing {path.name} (it holds {lock.name})"
-        with exclusive_lock(lock, on_wait=functools.partial(log, waiting)):
+        with exclusive_lock(lock, on_wait=functools.partial(log, waiting)) as locked:
+            if locked:  # no other process builds these files now: temporaries are orphans
+                _remove_killed_builds(path, _tokenizer_path(config, path))
             cache = _find_text_cache(config, path, documents) or _build_text_cache(
                 config, path, documents, log
             )
@@ -170,6 +217,14 @@ def _prepare_text_source(config: Config, path: Path, log: Callable[[str], None])
     return PreparedData(
         splits, tokenizer, cache.tokenizer_file, eod_id, summary, validation_texts=validation_texts
     )
+
+
+def _remove_killed_builds(path: Path, tokenizer_file: Path) -> None:
+    """Delete the temporaries a killed build of `path` left: of its tokenized splits
+    (`<stem>.<8 hex>.<split>.bin/.idx`, see _text_cache) and of its tokenizer."""
+    split_file = re.compile(rf"{re.escape(path.stem)}\.[0-9a-f]{{8}}\.\w+\.(bin|idx)")
+    remove_temporaries(path.parent, lambda name: split_file.fullmatch(name) is not None)
+    remove_temporaries(tokenizer_file.parent, lambda name: name == tokenizer_file.name)
 
 
 def _find_text_cache(config: Config, path: Path, documents: list[Document]) -> _TextCache | None:
@@ -244,19 +299,26 @@ def _assign_splits(documents: list[Document], split: str) -> list[Document]:
 
 
 def _tokenizer_path(config: Config, data: Path) -> Path:
+    """vocab-file, else `<stem>.bpe-<vocab-size>` or `<stem>.char` (.tokenizer.json) beside
+    the data, with 8 hex of the special tokens when they are not the default: configs that
+    differ there train different tokenizers and must not share one."""
     if config.vocab_file:
-        return Path(config.vocab_file)
-    if config.tokenizer_type == "char":
-        return data.with_name(f"{data.stem}.char.tokenizer.json")
-    return data.with_name(f"{data.stem}.bpe-{config.vocab_size}.tokenizer.json")
+        return _tokenizer_json(config)
+    kind = "char" if config.tokenizer_type == "char" else f"bpe-{config.vocab_size}"
+    specials = _special_tokens(config)
+    if specials != SPECIAL_TOKENS:
+        kind += "-" + hashlib.sha256(json.dumps(specials).encode()).hexdigest()[:8]
+    return data.with_name(f"{data.stem}.{kind}.tokenizer.json")
+
+
+def _special_tokens(config: Config) -> tuple[str, ...]:
+    return tuple(config.special_tokens or SPECIAL_TOKENS)
 
 
 def _train_tokenizer(
     config: Config, documents: list[Document], out: Path, log: Callable[[str], None]
 ) -> None:
-    if config.tokenizer_type == "hf":
-        raise NeoxlabError(f"vocab-file {out} does not exist", hint="point it at a tokenizer.json")
-    specials = tuple(config.special_tokens or SPECIAL_TOKENS)
+    specials = _special_tokens(config)
     train_texts = [d.text for d in documents if d.split == "train"]
     if config.tokenizer_type == "char":
         log(f"building a character tokenizer -> {out}")
@@ -304,7 +366,7 @@ def _prepare_chat_data(config: Config, log: Callable[[str], None]) -> PreparedDa
             "chat data is tokenized with the model's tokenizer, and none is set",
             hint="set init-from (a Hugging Face directory or neoxlab run) or vocab-file",
         )
-    tokenizer_file = Path(config.vocab_file)
+    tokenizer_file = _tokenizer_json(config)
     tokenizer = load_tokenizer(tokenizer_file)
     options = ChatOptions.from_config(config)
     path = Path(config.data_path or "")
@@ -352,7 +414,7 @@ def _open_prefix(config: Config, prefix: Path) -> PreparedData:
             f"data-path {prefix} is a prepared dataset, so the tokenizer cannot be trained from it",
             hint="set vocab-file to the tokenizer.json it was prepared with",
         )
-    tokenizer_file = Path(config.vocab_file)
+    tokenizer_file = _tokenizer_json(config)
     tokenizer = load_tokenizer(tokenizer_file)
     _check_token_ids(dataset, prefix, tokenizer, tokenizer_file)
     counts = split_counts(len(dataset), config.split)
@@ -404,7 +466,7 @@ def _open_blends(config: Config) -> PreparedData:
             "train-data-paths are prepared datasets, so the tokenizer cannot be trained from them",
             hint="set vocab-file to the tokenizer.json they were prepared with",
         )
-    tokenizer_file = Path(config.vocab_file)
+    tokenizer_file = _tokenizer_json(config)
     tokenizer = load_tokenizer(tokenizer_file)
     splits: dict[str, np.ndarray | Blend] = {}
     summary: dict = {"source": "train/valid/test-data-paths", "tokenizer": str(tokenizer_file)}
@@ -412,13 +474,14 @@ def _open_blends(config: Config) -> PreparedData:
         paths = getattr(config, f"{key}_data_paths")
         if not paths:
             continue
-        weights = getattr(config, f"{key}_data_weights") or [1.0] * len(paths)
-        streams = []
-        for path in paths:
-            dataset = IndexedDataset(path)
+        datasets = [IndexedDataset(path) for path in paths]
+        for dataset, path in zip(datasets, paths, strict=True):
             _check_token_ids(dataset, Path(path), tokenizer, tokenizer_file)
-            streams.append(dataset.tokens)
-        mixed = blend(streams, weights, list(paths))
+        weights = getattr(config, f"{key}_data_weights") or [1.0] * len(paths)
+        if config.weight_by_num_documents:  # replaces the given weights, as in gpt-neox
+            counts = [len(dataset) for dataset in datasets]
+            weights = weights_by_document_count(counts, config.weighted_sampler_alpha)
+        mixed = blend([dataset.tokens for dataset in datasets], weights, list(paths))
         splits[name] = mixed.streams[0] if len(mixed.streams) == 1 else mixed
         summary[f"{name}_tokens"] = len(mixed)
     _check_validation(splits, Path(config.train_data_paths[0]))
