@@ -243,6 +243,7 @@ class Attention(nn.Module):
         q, k, v = qkv.transpose(1, 2).split(
             [self.group * self.head_dim, self.head_dim, self.head_dim], dim=-1
         )
+        # (B, kv heads, T, group x head_dim) -> (B, heads, T, head_dim); a view without grouping
         q = q.unflatten(-1, (self.group, self.head_dim)).transpose(2, 3).flatten(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         is_causal = mask is None  # a mask (packed examples) is already causal
