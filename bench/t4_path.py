@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
             reserved = (
                 torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
             )
-            estimate = describe(config).total_bytes / GIB
+            estimate = describe(config).device_bytes / GIB
             fits = "-" if reserved is None else ("yes" if reserved <= T4_LIMIT_GIB else "no")
             rows.append(
                 [

@@ -41,6 +41,7 @@ TINY_OPTIMIZER = {
     "Lion": ["lr=1e-3", "weight-decay=0.3"],
     "Adafactor": ["lr=1e-2"],
     "Muon": ["optimizer.params.muon_lr=0.02", "weight-decay=0.01"],
+    "AdamW8bit": ["weight-decay=0.1"],  # bitsandbytes' CPU kernels
 }
 CASES = [(name, "cosine") for name in OPTIMIZERS] + [
     ("AdamW", schedule) for schedule in SCHEDULES if schedule != "cosine"

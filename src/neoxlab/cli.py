@@ -291,6 +291,12 @@ def _add_export(commands: Any) -> None:
     )
     export.add_argument("path", type=Path, metavar="RUN_OR_CHECKPOINT")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run's adapters alone, as a PEFT adapter folder (default: the whole model, "
+        "adapters merged in)",
+    )
     export.set_defaults(handler=_cmd_export)
 
 
@@ -429,9 +435,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif resume is None and config.load:
         resume = _run_to_load(config.load, is_main)
     if args.dry_run:
-        from neoxlab.memory import describe
+        from neoxlab.hf import apply_init_from, init_from_rows
+        from neoxlab.memory_check import dry_run_lines
 
-        print("\n".join(describe(config).lines()))
+        # init-from decides the model's shape: its config.json is read, not its weights
+        config = apply_init_from(config, log=lambda _: None)
+        print("\n".join(dry_run_lines(config, init_from_rows(config))))
         return 0
     try:
         result = train(config, config_files=files, resume=resume, progress=not args.no_progress)
@@ -686,8 +695,12 @@ def _chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gene
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from neoxlab.hf import export_hf
+    from neoxlab.hf import export_adapter, export_hf
 
+    if args.adapter:
+        out = export_adapter(args.path, args.out)
+        print(f"load it with peft.PeftModel.from_pretrained(<the base model>, {str(out)!r})")
+        return 0
     out = export_hf(args.path, args.out)
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -76,6 +76,10 @@ DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
 AUTO_SWITCHES = ("compile", "chunked_cross_entropy")
 # torch.compile's modes; the two with CUDA graphs (reduce-overhead, max-autotune) are single-GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# zero_optimization keys neoxlab honours: stage >= 1 shards with FSDP2; offload (DeepSpeed's
+# `offload_optimizer` / `offload_param: {device: cpu}`) is FSDP2's CPU offload (distributed.py).
+ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
+OFFLOAD_DEVICES = ("none", "cpu")
 DATA_WEIGHT_KEYS = ("train_data_weights", "valid_data_weights", "test_data_weights")
 
 MAX_SCALE_POWER = 127  # fp16.initial_scale_power: 2 ** 128 overflows fp32
@@ -218,6 +222,35 @@ class Config:
             "model",
         ),
     )
+    # finetuning with adapters (adapters.py)
+    lora_rank: int = field(
+        default=0,
+        metadata=_help(
+            "LoRA: train rank-r adapters beside the frozen init-from model (0 = full finetuning)",
+            "model",
+        ),
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata=_help("LoRA: adapters add (lora-alpha / lora-rank) B A x", "model")
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata=_help("LoRA: dropout on the adapters' input", "model")
+    )
+    lora_targets: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "LoRA: names of the layers to adapt (default: every linear layer in the blocks: "
+            "query_key_value dense dense_h_to_4h dense_4h_to_h)",
+            "model",
+        ),
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata=_help(
+            "QLoRA: frozen block weights in 4-bit nf4 (bitsandbytes, CUDA); needs lora-rank",
+            "model",
+        ),
+    )
 
     # tokenizer
     tokenizer_type: str = field(
@@ -357,7 +390,7 @@ class Config:
     optimizer: dict = field(
         default_factory=lambda: {"type": "Adam", "params": {}},
         metadata=_help(
-            "{type: Adam|AdamW|SGD|Lion|Adafactor|Muon, params: {betas, eps, momentum, ...}}",
+            "{type: Adam|AdamW|AdamW8bit|SGD|Lion|Adafactor|Muon, params: {betas, eps, ...}}",
             "training",
         ),
     )
@@ -424,7 +457,11 @@ class Config:
     )
     zero_optimization: dict = field(
         default_factory=lambda: {"stage": 0},
-        metadata=_help("gpt-neox/DeepSpeed {stage}: stage >= 1 shards with FSDP2", "training"),
+        metadata=_help(
+            "gpt-neox/DeepSpeed {stage, offload_optimizer: {device: cpu}}: stage >= 1 shards "
+            "with FSDP2; offload keeps weights, gradients and optimizer state in host memory",
+            "training",
+        ),
     )
 
     # evaluation
@@ -596,6 +633,7 @@ class Config:
         self._check_runtime()
         self._check_data()
         self._check_chat()
+        self._check_lora()
         self._check_evaluation()
         self._check_logging()
         self._check_checkpointing()
@@ -714,6 +752,16 @@ class Config:
         stage = self.zero_optimization.get("stage", 0)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             raise NeoxlabError(f"zero-optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        for key in ("offload_optimizer", "offload_param"):
+            block = self.zero_optimization.get(key)
+            if block is not None and (
+                not isinstance(block, dict) or block.get("device", "none") not in OFFLOAD_DEVICES
+            ):
+                raise NeoxlabError(
+                    f"zero-optimization.{key} must be {{device: cpu}} or {{device: none}}, "
+                    f"got {block!r}",
+                    hint="neoxlab offloads to host memory (FSDP2's CPU offload), not to NVMe",
+                )
 
     def _check_data(self) -> None:
         _check_choice("data_format", self.data_format, ("text", "chat"))
@@ -731,6 +779,29 @@ class Config:
                 )
         if self.chat_user_name == self.chat_agent_name:
             raise NeoxlabError("chat-user-name and chat-agent-name must differ")
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise NeoxlabError(
+                f"lora-rank must be >= 0 (0 = full finetuning), got {self.lora_rank}"
+            )
+        if not self.lora_rank:
+            if self.load_in_4bit:
+                raise NeoxlabError(
+                    "load-in-4bit freezes the base model in 4 bits: it needs LoRA adapters",
+                    hint="add lora-rank=8 (QLoRA)",
+                )
+            return
+        self._check_positive("lora_alpha")
+        if not 0 <= self.lora_dropout < 1:
+            raise NeoxlabError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise NeoxlabError("lora-targets is empty", hint="leave it out for every linear layer")
+        if self.offload_optimizer():
+            raise NeoxlabError(
+                "offload_optimizer with LoRA: the adapters' optimizer state is megabytes",
+                hint="drop zero-optimization.offload-optimizer, or train fully (lora-rank=0)",
+            )
 
     def _check_evaluation(self) -> None:
         self._check_positive("eval_interval", "eval_iters", "line_completion_samples")
@@ -846,6 +917,16 @@ class Config:
                 )
             if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
                 raise NeoxlabError(f"{split}-data-weights must be non-negative with a positive sum")
+
+    def offload_optimizer(self) -> bool:
+        """DeepSpeed's `offload_optimizer` (or `offload_param`) `{device: cpu}`: keep weights,
+        gradients and optimizer state in host memory and step there (FSDP2's CPU offload,
+        which moves the parameters with the optimizer: one switch for both keys)."""
+        return any(
+            isinstance(block := self.zero_optimization.get(key), dict)
+            and block.get("device") == "cpu"
+            for key in ("offload_optimizer", "offload_param")
+        )
 
     def distributed_mode(self) -> str:
         """ddp or fsdp: how a multi-process run shares work (ZeRO stage >= 1 means sharding)."""
@@ -1007,9 +1088,12 @@ def _translate_neox_keys(flat: dict, put: _Put, origin: str) -> list[str]:
             flat.pop(key)
             dropped.append(key)
     if isinstance(flat.get("zero_optimization"), dict):
-        zero = flat["zero_optimization"]
-        dropped += [f"zero_optimization.{k}" for k in zero if k != "stage"]
-        flat["zero_optimization"] = {k: v for k, v in zero.items() if k == "stage"}
+        zero = dict(flat["zero_optimization"])
+        if zero.get("cpu_offload") is True:  # DeepSpeed's older spelling of the same offload
+            zero.pop("cpu_offload")
+            zero.setdefault("offload_optimizer", {"device": "cpu"})
+        dropped += [f"zero_optimization.{k}" for k in zero if k not in ZERO_KEYS]
+        flat["zero_optimization"] = {k: v for k, v in zero.items() if k in ZERO_KEYS}
     return dropped
 
 

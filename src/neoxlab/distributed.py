@@ -10,6 +10,10 @@ group (NCCL on GPUs, gloo on CPUs). Two ways to share the work:
   transformer block and on the root, so parameters, gradients and optimizer state are split
   across ranks; a mixed-precision policy casts parameters to the run's precision for compute and
   reduces gradients in fp32.
+- CPU offload (DeepSpeed's `offload_optimizer: {device: cpu}`): FSDP2 with a CPUOffloadPolicy, on
+  any number of processes, one included (a process group of one). Parameters, gradients and the
+  optimizer state live in host memory and the optimizer steps there; each block's parameters
+  visit the GPU, in the compute dtype, only while that block computes.
 
 Checkpoints hold full (unsharded) state: every rank joins the gather, rank 0 writes the same
 folder a single-process run writes, so any world size resumes from it. Loading goes the other
@@ -35,7 +39,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from neoxlab.errors import NeoxlabError
@@ -71,7 +81,9 @@ def world_from_environment() -> World:
         raise NeoxlabError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers: {err}") from None
 
 
-def init_world(device: torch.device, timeout: timedelta) -> tuple[World, torch.device]:
+def init_world(
+    device: torch.device, timeout: timedelta, offload: bool = False
+) -> tuple[World, torch.device]:
     """Join the process group when started by torchrun; returns the world and this rank's device.
 
     Each rank of a node drives the GPU numbered by its LOCAL_RANK. `timeout` bounds every
@@ -80,6 +92,13 @@ def init_world(device: torch.device, timeout: timedelta) -> tuple[World, torch.d
     A peer that dies on a reachable host is noticed at once (its connections close).
     """
     world = world_from_environment()
+    if offload and not dist.is_initialized():
+        # FSDP2 needs a process group, also for one process; CPU tensors go through gloo.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if not world.distributed:
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+            return world, device
     if not world.distributed:
         return world, device
     if device.type == "cuda":
@@ -94,7 +113,9 @@ def init_world(device: torch.device, timeout: timedelta) -> tuple[World, torch.d
     elif device.type != "cpu":
         raise NeoxlabError(f"distributed training runs on cuda or cpu, not {device.type}")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "cpu:gloo,cuda:nccl" if offload and device.type == "cuda" else None
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=timeout)
     return world, device
 
 
@@ -108,12 +129,13 @@ def build_sharded(
     world: World,
     device: torch.device,
     dtype: torch.dtype,
+    offload: bool = False,
 ) -> nn.Module:
     """The model sharded by FSDP2, with exactly the weights a single process would initialise.
 
     Rank 0 builds the full model on the CPU (the same seed gives the same init as one process);
     every rank builds it on the meta device (no memory), shards it per block, allocates only its
-    own shards on `device`, and receives them from rank 0.
+    own shards on `device` (host memory with `offload`), and receives them from rank 0.
     """
     full = build(torch.device("cpu")) if world.is_main else None
     with torch.device("meta"):
@@ -122,13 +144,16 @@ def build_sharded(
     policy = MixedPrecisionPolicy(
         param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
     )
+    # pinned host memory: copies to and from the GPU overlap with compute
+    offload_policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else None
+    options = {"mp_policy": policy, "offload_policy": offload_policy or OffloadPolicy()}
     for block in model.gpt_neox.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the root unit: embeddings, final norm, head
-    model.to_empty(device=device)
+        fully_shard(block, **options)
+    fully_shard(model, **options)  # the root unit: embeddings, final norm, head
+    model.to_empty(device="cpu" if offload else device)
     weights = full.state_dict() if full is not None else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, weights, options=options)
+    state_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=state_options)
     # Rank 0 alone drew the initial weights from the RNG. Every rank continues from its state,
     # as every rank of a DDP run does: so the one state a checkpoint keeps (rank 0's) resumes
     # each rank exactly, dropout masks included.
@@ -227,11 +252,17 @@ def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", (optimizer,)))
 
 
-def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def full_state(
+    model: nn.Module, optimizer: Any, trainable_only: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights, optimizer state) unsharded, on the CPU, keyed by parameter name. Every rank must
-    call this (it gathers shards); in a distributed run only rank 0 gets non-empty dicts."""
+    call this (it gathers shards); in a distributed run only rank 0 gets non-empty dicts.
+    `trainable_only` (LoRA adapters, never sharded) leaves the frozen weights out."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
+    if trainable_only:
+        weights = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        weights = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, _optimizers(optimizer), options=options)
     return weights, optimizer_state
 
@@ -242,9 +273,12 @@ def load_full_state(
     weights: dict[str, Any],
     optimizer_state: dict[str, Any],
     world: World,
+    optimizer_only: bool = False,
 ) -> None:
     """The inverse of `full_state`: in a distributed run rank 0 passes what it read from disk,
-    the other ranks empty dicts, and each rank keeps its own shard (or replica)."""
+    the other ranks empty dicts, and each rank keeps its own shard (or replica).
+    `optimizer_only`: the weights were loaded already (LoRA adapters)."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed)
-    set_model_state_dict(model, weights, options=options)
+    if not optimizer_only:
+        set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, _optimizers(optimizer), optimizer_state, options=options)

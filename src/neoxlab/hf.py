@@ -16,11 +16,16 @@ fused tensors. Loading never unpickles code: safetensors, or `torch.load` with
   checkpoint does (`generate`, `eval`), and as `init-from` in a training config (architecture,
   tokenizer and weights). So this module, not checkpoint.py (which knows only neoxlab's own
   folders), opens any trained model: `load_trained` takes a run, a checkpoint or an HF folder.
+- LoRA runs (adapters.py): their checkpoints hold the adapters alone, with the init-from model's
+  path and the sha256 of its weights (`base_fingerprint`); loading one rebuilds the base, checks
+  the hash and merges the adapters in. `neoxlab export --adapter` writes them as a PEFT adapter
+  folder instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +40,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from neoxlab import __version__
+from neoxlab.adapters import LoraSpec, add_lora, load_adapter_weights, merged, save_peft_adapter
 from neoxlab.atomic import give_default_permissions
 from neoxlab.checkpoint import (
     TORCH_LOAD_ERRORS,
@@ -275,7 +281,13 @@ def model_source(path: Path) -> ModelSource:
     if is_hf_directory(path):
         fields, rows = read_hf_config(path)
         return ModelSource(path, {**fields, **_special_tokens(path)}, tokenizer_file, rows)
-    config = config_from_dict(read_state(path)["config"])
+    state = read_state(path)
+    if state.get("base_model"):
+        raise NeoxlabError(
+            f"{path} holds LoRA adapters, not a whole model",
+            hint=f"merge them into one first: neoxlab export {path} --out DIR, then use DIR",
+        )
+    config = config_from_dict(state["config"])
     fields = {name: getattr(config, name) for name in (*MODEL_FIELDS, "eod_token", "pad_token")}
     fields["max_position_embeddings"] = config.context_length
     return ModelSource(path, fields, tokenizer_file, _embedding_rows(path / "model.safetensors"))
@@ -314,6 +326,10 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     checkpoint = resolve_checkpoint(path)
     if is_hf_directory(checkpoint):
         return load_hf_model(checkpoint, device)
+    if read_state(checkpoint).get("base_model"):
+        trained, lora = load_lora_checkpoint(checkpoint)
+        trained.model = merged(lora).to(device).eval()
+        return trained
     return load_checkpoint_model(checkpoint, device)
 
 
@@ -358,6 +374,11 @@ def apply_init_from(config: Config, log: Callable[[str], None] = print) -> Confi
     return updated
 
 
+def init_from_rows(config: Config) -> int | None:
+    """The embedding rows of init-from's model (Pythia: 50,304), None without init-from."""
+    return model_source(Path(config.init_from)).vocab_rows if config.init_from else None
+
+
 def _existing_init_from(path: Path) -> Path:
     """`path`, or an error saying how to download the model it names (configs name a local
     folder, so that training never needs the Hub)."""
@@ -369,7 +390,7 @@ def _existing_init_from(path: Path) -> Path:
     raise NeoxlabError(
         f"init-from {shown} does not exist",
         hint=f"download it once with: hf download {repo} --local-dir {shown}; or set init-from "
-        "to a Hugging Face GPTNeoX folder or a neoxlab run",
+        "to a Hugging Face GPTNeoX or Llama folder or a neoxlab run",
     )
 
 
@@ -391,56 +412,161 @@ def init_model(
     return model.to(device)
 
 
+# ---- LoRA runs: adapters on an init-from model ----------------------------------------------
+
+
+def init_lora_model(
+    config: Config,
+    tokenizer: Tokenizer,
+    train_device_type: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Any:
+    """init-from's model on the CPU, frozen, with the LoRA adapters of the config's lora-* keys
+    beside it; PEFT's LoraModel (its `.model` is the GPTNeoX to train or merge)."""
+    spec = LoraSpec.from_options(config)
+    assert spec is not None and config.init_from  # adapters.check_lora_runtime says so
+    base = init_model(config, tokenizer, torch.device("cpu"), train_device_type)
+    return add_lora(base, spec, compute_dtype)
+
+
+def base_fingerprint(init_from: str) -> dict[str, str]:
+    """What a LoRA checkpoint records of the model its adapters belong to: the init-from path
+    and the sha256 of its weight files (read once per run: seconds for Pythia-1.4B)."""
+    source = model_source(Path(init_from))
+    files = _weight_files(source.path) if source.is_hf else [source.path / "model.safetensors"]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return {"path": str(source.path), "sha256": digest.hexdigest()}
+
+
+def check_base(recorded: dict[str, str] | None, current: dict[str, str], origin: Path) -> None:
+    """Adapters fit only the weights they were trained beside: another base is an error."""
+    if recorded is None:
+        raise NeoxlabError(
+            f"{origin} was trained without LoRA (lora-rank 0): it holds a whole model",
+            hint="continue it with its own config, or start a LoRA run from it as init-from",
+        )
+    if recorded["sha256"] != current["sha256"]:
+        raise NeoxlabError(
+            f"{origin} holds LoRA adapters trained on {recorded['path']} (weights sha256 "
+            f"{recorded['sha256'][:12]}...), but {current['path']} now holds other weights "
+            f"(sha256 {current['sha256'][:12]}...)",
+            hint="adapters only fit the model they were trained on: put that model back at "
+            "that path, or start a new run",
+        )
+
+
+def load_lora_checkpoint(checkpoint: Path) -> tuple[TrainedModel, Any]:
+    """A LoRA checkpoint on the CPU: its base model (hash checked) with its adapters loaded,
+    unmerged; (what it was trained with, PEFT's LoraModel)."""
+    state = read_state(checkpoint)
+    config = config_from_dict(state["config"])
+    check_base(state["base_model"], base_fingerprint(str(config.init_from)), checkpoint)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    lora = init_lora_model(config, tokenizer)
+    load_adapter_weights(lora.model, load_weights(checkpoint), checkpoint)
+    return TrainedModel(lora.model, tokenizer, config, checkpoint, state), lora
+
+
 # ---- export ----------------------------------------------------------------------------------
 
 
 def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path:
     """Write run / checkpoint `path` as a transformers folder `out`, for GPTNeoXForCausalLM or
-    LlamaForCausalLM (`export_class`)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NeoxlabError(f"{out} already exists", hint="choose a new --out folder")
+    LlamaForCausalLM (`export_class`; a LoRA run's adapters merged into its base model's
+    weights)."""
+    _check_new_folder(out)
     trained = load_trained(path, torch.device("cpu"))
     hf_class = export_class(trained.model.config)
-    config = trained.config
-    eod_id = token_id(trained.tokenizer, config.eod_token)
-    pad_id = token_id(trained.tokenizer, config.pad_token)
+    out = _write_new_folder(out, lambda tmp: _fill_hf_folder(tmp, trained, path, hf_class))
+    log(f"exported {trained.checkpoint} -> {out} ({hf_class})")
+    return out
+
+
+def export_adapter(path: Path, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Write a LoRA run's adapters as a PEFT adapter folder `out`, for
+    `peft.PeftModel.from_pretrained(<its base model in transformers>, out)`."""
+    _check_new_folder(out)
+    checkpoint = resolve_checkpoint(path)
+    if is_hf_directory(checkpoint) or not read_state(checkpoint).get("base_model"):
+        raise NeoxlabError(
+            f"{checkpoint} was not trained with LoRA: it has no adapters to export",
+            hint=f"export the whole model: neoxlab export {path} --out {out}",
+        )
+    trained, lora = load_lora_checkpoint(checkpoint)
+    if export_class(trained.model.config) != GPT_NEOX:
+        # PEFT names the layers it adapts: model.py's fused ones exist in GPTNeoX only
+        raise NeoxlabError(
+            f"the adapters of {checkpoint} adapt fused layers (query_key_value, dense_h_to_4h) "
+            "that LlamaForCausalLM does not have",
+            hint=f"export the merged model: neoxlab export {path} --out {out}",
+        )
+    base = trained.state["base_model"]
+
+    def fill(tmp: Path) -> None:
+        save_peft_adapter(lora, tmp, base["path"])
+        card = ADAPTER_CARD.format(name=path.name, version=__version__, **base)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+
+    out = _write_new_folder(out, fill)
+    log(f"exported the adapters of {checkpoint} -> {out}")
+    return out
+
+
+def _check_new_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NeoxlabError(f"{out} already exists", hint="choose a new --out folder")
+
+
+def _write_new_folder(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Create folder `out` (absent or empty) with what `fill` writes into a temporary folder,
+    renamed to `out` once complete; a failure leaves nothing behind."""
     out = out.resolve()
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:  # written under a temporary name, renamed when complete
+    try:
         tmp.mkdir(parents=True)
-        weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
-        if hf_class == LLAMA:
-            weights = to_llama_weights(weights, trained.model.config)
-        # transformers refuses safetensors files without format metadata
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        give_default_permissions(tmp / "model.safetensors")
-        _write_json(tmp / "config.json", _hf_config(trained, hf_class, eod_id, pad_id))
-        _write_json(
-            tmp / "generation_config.json",
-            {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
-        )
-        save_tokenizer(
-            trained.tokenizer,
-            tmp,
-            eod_token=config.eod_token,
-            pad_token=config.pad_token,
-            model_max_length=config.context_length,
-        )
-        tokenizer_config = _read_json(tmp / "tokenizer_config.json")
-        chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
-        tokenizer_config["chat_template"] = chat.template()
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
-        (tmp / "README.md").write_text(_model_card(trained, path, hf_class), encoding="utf-8")
+        fill(tmp)
         if out.exists():
-            out.rmdir()  # empty, checked above
+            out.rmdir()  # empty, checked before
         tmp.rename(out)
     except OSError as err:
         raise NeoxlabError(f"could not write {out}: {err.strerror or err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
-    log(f"exported {trained.checkpoint} -> {out} ({hf_class})")
     return out
+
+
+def _fill_hf_folder(tmp: Path, trained: TrainedModel, path: Path, hf_class: str) -> None:
+    config = trained.config
+    eod_id = token_id(trained.tokenizer, config.eod_token)
+    pad_id = token_id(trained.tokenizer, config.pad_token)
+    weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+    if hf_class == LLAMA:
+        weights = to_llama_weights(weights, trained.model.config)
+    # transformers refuses safetensors files without format metadata
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    give_default_permissions(tmp / "model.safetensors")
+    _write_json(tmp / "config.json", _hf_config(trained, hf_class, eod_id, pad_id))
+    _write_json(
+        tmp / "generation_config.json",
+        {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
+    )
+    save_tokenizer(
+        trained.tokenizer,
+        tmp,
+        eod_token=config.eod_token,
+        pad_token=config.pad_token,
+        model_max_length=config.context_length,
+    )
+    tokenizer_config = _read_json(tmp / "tokenizer_config.json")
+    chat = ChatFormat(config.chat_user_name, config.chat_agent_name, config.eod_token)
+    tokenizer_config["chat_template"] = chat.template()
+    _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+    (tmp / "README.md").write_text(_model_card(trained, path, hf_class), encoding="utf-8")
 
 
 def export_class(model: ModelConfig) -> str:
@@ -557,6 +683,26 @@ Training config (as resolved by neoxlab):
 """
 
 
+ADAPTER_CARD = """\
+---
+library_name: peft
+tags: [gpt_neox, neoxlab, lora]
+---
+
+# {name} (LoRA adapters)
+
+LoRA adapters trained with neoxlab {version} on the base model `{path}` (sha256 of its weights
+`{sha256}`). They fit that model only.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained("{path}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+"""
+
+
 def _model_card(trained: TrainedModel, source: Path, hf_class: str) -> str:
     """README.md of an export: what was trained, on what, how well, and how to load it."""
     config = trained.config
@@ -584,6 +730,12 @@ def _training_facts(trained: TrainedModel) -> list[str]:
     ]
     if config.init_from:
         facts.append(f"- started from: `{config.init_from}`")
+    if config.lora_rank:
+        facts.append(
+            f"- LoRA rank {config.lora_rank}, alpha {config.lora_alpha}"
+            f"{', 4-bit base (QLoRA)' if config.load_in_4bit else ''}: adapters merged into "
+            "these weights"
+        )
     if config.data_path:
         facts.append(f"- data: `{config.data_path}` ({config.data_format})")
     return [

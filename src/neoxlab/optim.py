@@ -5,7 +5,8 @@ function and one line in SCHEDULES. config.py validates `optimizer.type` and `lr
 against these registries, so this module must not import config: what it reads from a config is
 spelled out as the `Hyperparameters` protocol below, which config.Config satisfies.
 
-torch.optim supplies AdamW, SGD, Adafactor and Muon; only Lion is written here.
+torch.optim supplies AdamW, SGD, Adafactor and Muon; bitsandbytes (the optional `finetune` extra)
+AdamW8bit; only Lion is written here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from neoxlab.adapters import import_quietly
 from neoxlab.errors import NeoxlabError
 
 # Muon's learning rate from Keller Jordan's write-up (torch.optim.Muon defaults to 1e-3; its
@@ -102,6 +105,22 @@ def _adamw(model: nn.Module, config: Hyperparameters, params: dict) -> torch.opt
     return torch.optim.AdamW(groups, lr=config.lr, fused=_fused_adamw(model), **params)
 
 
+def _adamw8bit(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
+    """AdamW with both moments in 8 bits (bitsandbytes; Dettmers et al. 2022): block-wise
+    quantized, 2 bytes per weight instead of 8, same update. It has CPU and CUDA kernels; its
+    state is plain tensors, so checkpoints resume it exactly. Tensors under 4,096 elements keep
+    32-bit moments (bitsandbytes' min_8bit_size)."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise NeoxlabError(
+            "AdamW8bit (bitsandbytes) cannot update FSDP's sharded parameters (zero stage >= 1, "
+            "distributed: fsdp, or offload_optimizer)",
+            hint="use AdamW there, or AdamW8bit with distributed=ddp and no offload",
+        )
+    bnb = import_quietly("bitsandbytes", "optimizer AdamW8bit")
+    groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
+    return bnb.optim.AdamW8bit(groups, lr=config.lr, **params)
+
+
 def _sgd(model: nn.Module, config: Hyperparameters, params: dict) -> torch.optim.Optimizer:
     # torch's SGD adds weight decay to the gradient (L2), as classic SGD does.
     groups = parameter_groups(model, config.weight_decay, config.weight_decay_embeddings)
@@ -149,6 +168,7 @@ OPTIMIZERS: dict[str, OptimizerBuilder] = {
     "Lion": _lion,
     "Adafactor": _adafactor,
     "Muon": _muon,
+    "AdamW8bit": _adamw8bit,
 }
 
 

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from torch.distributed.tensor import DTensor
 
 from neoxlab import __version__, distributed
+from neoxlab.adapters import LoraSpec, check_lora_runtime, load_adapter_weights
 from neoxlab.atomic import remove_temporaries
 from neoxlab.checkpoint import (
     check_model_state,
@@ -31,9 +32,17 @@ from neoxlab.data.batches import Sampler, on_device
 from neoxlab.data.prepare import PreparedData, build_samplers, prepare_data
 from neoxlab.errors import NeoxlabError
 from neoxlab.evaluate import CODE_METRICS, evaluate_run, format_code_metrics
-from neoxlab.hf import apply_init_from, init_model
+from neoxlab.hf import (
+    apply_init_from,
+    base_fingerprint,
+    check_base,
+    init_from_rows,
+    init_lora_model,
+    init_model,
+)
 from neoxlab.interrupt import StopOnSignal
 from neoxlab.loss_scale import build_grad_scaler
+from neoxlab.memory_check import check_memory, memory_error
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from neoxlab.resume_schedule import schedule_on_resume
@@ -99,9 +108,14 @@ def build_model(
     tokenizer: Tokenizer,
     device: torch.device,
     train_device_type: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> GPTNeoX:
     """The model, built on `device` (meta when sharded), to train on `train_device_type` (None:
-    shapes or inference only); see model_config."""
+    shapes or inference only) in `compute_dtype` (QLoRA's 4-bit layers need it); see
+    model_config. With lora-rank, init-from's frozen model with LoRA adapters."""
+    if config.lora_rank:
+        lora = init_lora_model(config, tokenizer, train_device_type, compute_dtype)
+        return lora.model.to(device)
     if config.init_from:
         return init_model(config, tokenizer, device, train_device_type)
     vocab = padded_vocab_size(tokenizer.get_vocab_size(), config.make_vocab_size_divisible_by)
@@ -150,7 +164,7 @@ def _runtime_and_world(
             hint="use compile-mode=default (or max-autotune-no-cudagraphs) under torchrun",
         )
     timeout = datetime.timedelta(seconds=config.distributed_timeout)
-    world, device = distributed.init_world(runtime.device, timeout)
+    world, device = distributed.init_world(runtime.device, timeout, config.offload_optimizer())
     return dataclasses.replace(runtime, device=device), world
 
 
@@ -231,7 +245,17 @@ class Trainer:
         # init-from decides the architecture and tokenizer; the run's config.yml records them
         self.config = config = apply_init_from(config, log)
         self.runtime, self.world = _runtime_and_world(config, log)
-        self.sharded = self.world.distributed and config.distributed_mode() == "fsdp"
+        # FSDP2 shards across ranks, or offloads to host memory (one process included)
+        fsdp = self.world.distributed and config.distributed_mode() == "fsdp"
+        self.sharded = fsdp or config.offload_optimizer()
+        self.lora = LoraSpec.from_options(config)
+        check_lora_runtime(self.lora, self.runtime.device.type, self.sharded, config.init_from)
+        # Before any data work: a run that cannot fit stops here, saying what would fit.
+        self.memory = check_memory(
+            config, self.runtime, self.world, self.sharded, log, init_from_rows(config)
+        )
+        # LoRA checkpoints hold only adapters: they name the base model and its hash.
+        self.base_model = base_fingerprint(config.init_from) if self.lora else None
         self.micro_batch, self.accumulation, self.global_batch = config.batch_geometry(
             self.world.world_size
         )
@@ -273,12 +297,15 @@ class Trainer:
     def _build_model(self) -> GPTNeoX:
         device = self.runtime.device
         if not self.sharded:
-            return build_model(self.config, self.data.tokenizer, device, device.type)
+            return build_model(
+                self.config, self.data.tokenizer, device, device.type, self.runtime.dtype
+            )
         return distributed.build_sharded(
             lambda where: build_model(self.config, self.data.tokenizer, where, device.type),
             self.world,
             self.runtime.device,
             self.runtime.dtype,
+            offload=self.config.offload_optimizer(),
         )
 
     def _build_samplers(self) -> tuple[Sampler, Sampler]:
@@ -294,14 +321,24 @@ class Trainer:
         # another rank's view of a shared filesystem may lag (NFS caches directory listings),
         # and ranks that started from different steps would train on different batches.
         checkpoint, state = distributed.decided_by_main(self._checkpoint_to_resume, self.world)
-        # Rank 0 reads the full state; load_full_state hands each rank its part.
+        # Rank 0 reads the full state; load_full_state hands each rank its part. LoRA adapters
+        # are megabytes and never sharded: every rank reads them.
         weights, training = {}, {}
-        if self.world.is_main:
+        if self.world.is_main or self.lora:
             weights = load_weights(checkpoint)
+        if self.lora:
+            load_adapter_weights(self.model, weights, checkpoint)
+        elif self.world.is_main:
             check_model_state(self.model, weights, checkpoint)
+        if self.world.is_main:
             training = load_training_state(checkpoint)
         distributed.load_full_state(
-            self.model, self.optimizer, weights, training.get("optimizer", {}), self.world
+            self.model,
+            self.optimizer,
+            weights,
+            training.get("optimizer", {}),
+            self.world,
+            optimizer_only=self.lora is not None,
         )
         small = distributed.broadcast_from_main(
             {"scaler": training.get("scaler"), "rng": training.get("rng")}, self.world
@@ -340,7 +377,10 @@ class Trainer:
                 hint=f"continue it with its own config (neoxlab train --resume {self.run_dir}), "
                 "or start a new run under another --name",
             )
-        return checkpoint, read_state(checkpoint)
+        state = read_state(checkpoint)
+        if self.base_model is not None:
+            check_base(state.get("base_model"), self.base_model, checkpoint)
+        return checkpoint, state
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -389,8 +429,10 @@ class Trainer:
             model = distributed.wrap_ddp(model, self.runtime.device)
         model = self.runtime.compiled(model)
         end = self._end_step()
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        adapters = f" ({trained:,} trained: LoRA adapters)" if self.lora else ""
         self.log(
-            f"run {self.run_dir} | {self.model.num_parameters():,} parameters | "
+            f"run {self.run_dir} | {self.model.num_parameters():,} parameters{adapters} | "
             f"{self.runtime.device.type} {self.runtime.precision}"
             f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
             f"{self.config.seq_length} tokens ({self.accumulation} micro-batches of "
@@ -592,6 +634,7 @@ class Trainer:
             "neoxlab_version": __version__,
             "tokenizer_vocab_size": self.data.tokenizer.get_vocab_size(),
             "wandb_run": self.wandb_run,
+            "base_model": self.base_model,  # LoRA: the model the adapters belong to
         }
 
     def save(self) -> Path | None:
@@ -600,7 +643,9 @@ class Trainer:
             return None
         self._check_health()  # never write the weights of a diverged run
         # Every rank joins the gather; rank 0 writes the same folder a single process writes.
-        weights, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        weights, optimizer_state = distributed.full_state(
+            self.model, self.optimizer, trainable_only=self.lora is not None
+        )
         path = None
         if self.world.is_main:
             training_state = {
@@ -686,5 +731,12 @@ class Trainer:
 
 
 def train(config: Config, **kwargs: Any) -> TrainResult:
-    """Build a Trainer and run it (see Trainer for the keyword arguments)."""
-    return Trainer(config, **kwargs).run()
+    """Build a Trainer and run it (see Trainer for the keyword arguments). Running out of
+    memory after all is a NeoxlabError that says what would fit."""
+    try:
+        return Trainer(config, **kwargs).run()
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        error = memory_error(err, config)
+        if error is None:
+            raise
+        raise error from None
