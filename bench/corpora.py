@@ -18,10 +18,14 @@ def shakespeare_jsonl(folder: Path, characters: int | None = None) -> Path:
     return write_shakespeare_jsonl(text[:characters], folder / "shakespeare.jsonl")
 
 
-def synthetic_corpus(folder: Path, vocab_size: int, tokens: int, documents: int = 200) -> list[str]:
+def synthetic_corpus(
+    folder: Path, vocab_size: int, tokens: int, documents: int = 200, predictable: float = 0.0
+) -> list[str]:
     """Uniformly random token ids as a prepared GPT-NeoX dataset, with a word-level tokenizer
     of `vocab_size` tokens (the last two special): for speed and memory, where only the shapes
-    matter. Returns the config overrides that train on it."""
+    matter. With `predictable` > 0, that share of the tokens is instead the fixed successor of
+    the random token before it: something to learn, so that runs compared step by step move
+    apart if one computes wrongly. Returns the config overrides that train on it."""
     from tokenizers import Tokenizer, models
 
     specials = ["<|endoftext|>", "<|padding|>"]
@@ -32,10 +36,14 @@ def synthetic_corpus(folder: Path, vocab_size: int, tokens: int, documents: int 
     tokenizer.save(str(tokenizer_file))
     eod = tokenizer.token_to_id(specials[0])
     rng = np.random.default_rng(0)
+    words = vocab_size - len(specials)
+    successor = rng.permutation(words)
     prefix = folder / "random_text_document"
     per_document = max(1, tokens // documents)
     with IndexedDatasetWriter(prefix, best_dtype(vocab_size)) as writer:
         for _ in range(documents):
-            body = rng.integers(0, vocab_size - len(specials), size=per_document - 1)
+            body = rng.integers(0, words, size=per_document - 1)
+            follows = rng.random(body.size - 1) < predictable
+            body[1:][follows] = successor[body[:-1][follows]]
             writer.add_document(np.append(body, eod))
     return [f"data-path={prefix}", f"vocab-file={tokenizer_file}", "tokenizer-type=hf"]

@@ -16,12 +16,19 @@ are. All run in fp32 with the same torch thread count. Rounds alternate the orde
 machine getting busier or quieter shifts all alike; the table gives the median tokens/s over
 rounds, the spread (min-max), and the median of the per-round ratios to neoxlab.
 
-    python bench/cpu_ratio.py [--shapes quickstart pythia14m] [--rounds 7] [--steps 3] [--record]
+`--compile` adds neoxlab's step with the model through torch.compile (`compile: true`:
+inductor's C++ kernels fuse the norms, GELU, rotary and the loss's elementwise work; fused AdamW
+stays one kernel per tensor either way) and the seconds its first step took, compilation
+included; its rows go to a section of their own.
+
+    python bench/cpu_ratio.py [--shapes quickstart pythia14m] [--rounds 7] [--steps 3]
+        [--compile] [--record]
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import statistics
@@ -56,18 +63,41 @@ HEADERS = [
     "transformers + neoxlab's settings tokens/s (spread)",
     "neoxlab / that",
 ]
+COMPILED_HEADERS = [
+    *HEADERS,
+    "neoxlab compiled tokens/s (spread)",
+    "compiled / transformers",
+    "compiled / neoxlab",
+    "first compiled step, s",
+]
+SECTION = "CPU: neoxlab vs transformers training step"
+COMPILED_SECTION = "CPU: neoxlab's compiled training step vs transformers"
 DEFAULT_MATMUL_PRECISION = "highest"  # torch's default for fp32 matmuls
 
 
 def neoxlab_step(trainer: Trainer) -> Callable[[], None]:
+    """The trainer's step on the model as its runtime runs it (compiled with compile=true)."""
     precision = torch.get_float32_matmul_precision()  # what the trainer's runtime set
+    model = trainer.runtime.compiled(trainer.model)
 
     def step() -> None:
         torch.set_float32_matmul_precision(precision)
-        trainer._train_step(trainer.model)
+        trainer._train_step(model)
         trainer.step += 1
 
     return step
+
+
+def compiled_neoxlab_step(config: Config) -> tuple[Callable[[], None], float]:
+    """neoxlab's step with `compile: true`, and the seconds of its first call (compilation)."""
+    config = dataclasses.replace(config, compile="true")
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(config, progress=False, log=common.quiet)
+    step = neoxlab_step(trainer)
+    torch._dynamo.reset()  # compile now even if this process compiled the same model before
+    start = time.perf_counter()
+    step()
+    return step, time.perf_counter() - start
 
 
 def transformers_step(trainer: Trainer, matmul_precision: str, fused: bool) -> Callable[[], None]:
@@ -108,7 +138,9 @@ def seconds_per_step(step: Callable[[], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[object]:
+def measure(
+    shape: str, folder, rounds: int, steps: int, smoke: bool, compiled: bool
+) -> list[object]:
     config_file, vocab, batch = SHAPES[shape]
     (folder / shape).mkdir()
     corpus = corpora.synthetic_corpus(folder / shape, 300 if smoke else vocab, 200_000)
@@ -125,6 +157,9 @@ def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[ob
             trainer, torch.get_float32_matmul_precision(), fused=True
         ),
     }
+    first_compiled_step = None
+    if compiled:
+        contenders["neoxlab compiled"], first_compiled_step = compiled_neoxlab_step(config)
     for step in contenders.values():
         step()  # warm-up: allocator, oneDNN primitives
     timings: dict[str, list[float]] = {name: [] for name in contenders}
@@ -140,11 +175,12 @@ def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[ob
         spread = f"{common.number(min(rates))}-{common.number(max(rates))}"
         return f"{common.number(statistics.median(rates))} ({spread})"
 
-    def ratio(name: str) -> str:
-        ratios = [t / o for o, t in zip(timings["neoxlab"], timings[name], strict=True)]
+    def ratio(name: str, versus: str = "neoxlab") -> str:
+        """How many times faster `versus` ran than `name` (per round, median and spread)."""
+        ratios = [t / o for o, t in zip(timings[versus], timings[name], strict=True)]
         return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
-    return [
+    row = [
         shape,
         f"{trainer.global_batch} x {config.seq_length}",
         torch.get_num_threads(),
@@ -154,6 +190,14 @@ def measure(shape: str, folder, rounds: int, steps: int, smoke: bool) -> list[ob
         rate("transformers+settings"),
         ratio("transformers+settings"),
     ]
+    if compiled:
+        row += [
+            rate("neoxlab compiled"),
+            ratio("transformers", "neoxlab compiled"),
+            ratio("neoxlab", "neoxlab compiled"),
+            f"{first_compiled_step:.1f}",
+        ]
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:
@@ -161,24 +205,21 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--rounds", type=int, default=7, help="A/B rounds (at least 5)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per turn")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time neoxlab's step with compile: true"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps = 2, 1
     with common.scratch() as folder:
         rows = [
-            measure(shape, folder, args.rounds, args.steps, args.smoke) for shape in args.shapes
+            measure(shape, folder, args.rounds, args.steps, args.smoke, args.compile)
+            for shape in args.shapes
         ]
     device = torch.device("cpu")
     print(f"training step on {common.describe_device(device)}, {args.rounds} rounds")
-    common.report(
-        args.record,
-        "CPU: neoxlab vs transformers training step",
-        HEADERS,
-        rows,
-        device,
-        __file__,
-        argv,
-    )
+    section, headers = (COMPILED_SECTION, COMPILED_HEADERS) if args.compile else (SECTION, HEADERS)
+    common.report(args.record, section, headers, rows, device, __file__, argv)
     return rows
 
 

@@ -3,29 +3,35 @@
 A T4 (sm_75) has no bf16, no flash-attention kernel and no official Triton support, so there
 neoxlab trains in fp16 with dynamic loss scaling, eagerly, with SDPA's memory-efficient (or
 math) kernel. This script forces exactly that (precision=fp16, compile=false, and
-torch.nn.attention.sdpa_kernel limited to EFFICIENT_ATTENTION and MATH) and trains
-configs/shakespeare.yml and configs/code_completion.yml as written, recording peak GPU memory
-(torch.cuda.max_memory_allocated, and reserved, which must stay under 12 GiB of the ~14.5 GiB a
-16 GB T4 shows) beside `--dry-run`'s estimate. shakespeare.yml trains on Tiny Shakespeare;
-code_completion.yml on random tokens of its 16,384-token vocabulary (memory and speed depend
-on shapes, not on which tokens), with code-metrics off (line completion needs real validation
-files).
+torch.nn.attention.sdpa_kernel limited to the kernels neoxlab's runtime lists for a T4:
+`runtime.attention_kernels("cuda", (7, 5), "fp16")`) and trains configs/shakespeare.yml and
+configs/code_completion.yml as written, recording peak GPU memory (torch.cuda.max_memory_allocated,
+and reserved, which must stay under 12 GiB of the ~14.5 GiB a 16 GB T4 shows) beside
+`--dry-run`'s estimate. Both train on random tokens of their tokenizer's size (5,000 and 16,384:
+memory and speed depend on shapes, not on which tokens), code_completion.yml with code-metrics
+off (line completion needs real validation files).
 
     python bench/t4_path.py [--steps 40] [--record]
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import common
 import corpora
 import throughput
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from neoxlab.memory import GIB, describe
+from neoxlab.runtime import attention_kernels
 
+T4_CAPABILITY = (7, 5)
 # "Fits with room": at most 12 GiB reserved of the ~14.5 GiB a T4 shows (as notebooks_t4.py).
 T4_LIMIT_GIB = 12.0
+# config -> the vocabulary of its tokenizer (the random corpus's)
+CONFIGS = {"shakespeare.yml": 5000, "code_completion.yml": 16384}
 HEADERS = [
     "config",
     "precision",
@@ -38,13 +44,38 @@ HEADERS = [
 ]
 
 
-def corpus_overrides(name: str, folder, smoke: bool) -> list[str]:
-    if name == "shakespeare.yml":
-        data = corpora.shakespeare_jsonl(folder, 20_000 if smoke else None)
-        return [f"data-path={data}", f"vocab-file={folder / 'bpe.json'}"]
-    return [
-        *corpora.synthetic_corpus(folder, 500 if smoke else 16384, 2_000_000),
+def t4_attention() -> contextlib.AbstractContextManager:
+    """SDPA limited to the kernels a T4 has for fp16 (no flash, no cuDNN)."""
+    return sdpa_kernel(list(attention_kernels("cuda", T4_CAPABILITY, "fp16")))
+
+
+def measure(name: str, folder, steps: int, warmup: int, smoke: bool) -> list[object]:
+    """Train config `name` as a T4 would for `steps` steps; its row of the table."""
+    (folder / name).mkdir()
+    vocab = 300 if smoke else CONFIGS[name]
+    overrides = [
+        *corpora.synthetic_corpus(folder / name, vocab, 2_000_000),
         "code-metrics=false",
+        "precision=fp16",
+        "compile=false",
+        *throughput.timed_run_overrides(steps, 2 if smoke else 10, smoke),
+    ]
+    config = common.neoxlab_config([common.CONFIGS / name], overrides)
+    with t4_attention():
+        result = throughput.train_neoxlab(config, warmup)
+    device = common.bench_device(smoke)
+    reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
+    estimate = describe(config).device_bytes / GIB
+    fits = "-" if reserved is None else ("yes" if reserved <= T4_LIMIT_GIB else "no")
+    return [
+        name,
+        result.precision,
+        "efficient/math",
+        common.number(result.tokens_per_second),
+        common.number(result.peak_memory_gib, "{:.2f}"),
+        common.number(reserved, "{:.2f}"),
+        f"{estimate:.2f}",
+        fits,
     ]
 
 
@@ -56,36 +87,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     if args.smoke:
         args.steps, args.warmup = 6, 2
     device = common.bench_device(args.smoke)
-    rows: list[list[object]] = []
     with common.scratch() as folder:
-        for name in ("shakespeare.yml", "code_completion.yml"):
-            overrides = [
-                *corpus_overrides(name, folder, args.smoke),
-                "precision=fp16",
-                "compile=false",
-                *throughput.timed_run_overrides(args.steps, 2 if args.smoke else 10, args.smoke),
-                *(["vocab-size=300"] if args.smoke else []),
-            ]
-            config = common.neoxlab_config([common.CONFIGS / name], overrides)
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                result = throughput.train_neoxlab(config, args.warmup)
-            reserved = (
-                torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-            )
-            estimate = describe(config).device_bytes / GIB
-            fits = "-" if reserved is None else ("yes" if reserved <= T4_LIMIT_GIB else "no")
-            rows.append(
-                [
-                    name,
-                    result.precision,
-                    "efficient/math",
-                    common.number(result.tokens_per_second),
-                    common.number(result.peak_memory_gib, "{:.2f}"),
-                    common.number(reserved, "{:.2f}"),
-                    f"{estimate:.2f}",
-                    fits,
-                ]
-            )
+        rows = [measure(name, folder, args.steps, args.warmup, args.smoke) for name in CONFIGS]
     print(f"T4 path (fp16, no flash, eager) on {common.describe_device(device)}")
     common.report(
         args.record, "T4 path: fp16 without flash attention", HEADERS, rows, device, __file__, argv

@@ -2,6 +2,7 @@
 can rot between the GPU sessions that measure with them."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -78,3 +79,17 @@ def test_record_appends_below_older_rows_and_creates_missing_sections(tmp_path):
     assert text.index("| 1 |") < text.index("| 2 |") < text.index("Notes.") < text.index("## New")
     assert text.index("## New") < text.index("| 5 |")
     assert "| `python bench/x.py` | 5 |" in text
+
+
+def test_cpu_ratio_times_the_compiled_step_in_a_section_of_its_own(tmp_path):
+    """`--compile`: neoxlab's step with compile: true (inductor on the CPU) beside eager and
+    transformers, and the seconds its first, compiling, step took."""
+    cpu_ratio = load("cpu_ratio")
+    results = tmp_path / "RESULTS.md"
+    argv = ["--smoke", "--shapes", "quickstart", "--compile", "--record", str(results)]
+    (row,) = cpu_ratio.main(argv)
+    assert len(row) == len(cpu_ratio.COMPILED_HEADERS)
+    assert re.fullmatch(r"[\d,]+ \([\d,]+-[\d,]+\)", row[-4])  # compiled tokens/s (spread)
+    assert float(row[-1]) > 0
+    text = results.read_text()
+    assert text.index(f"## {cpu_ratio.COMPILED_SECTION}") < text.index("| compiled / neoxlab |")

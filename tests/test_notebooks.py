@@ -2,20 +2,28 @@
 parameters (papermill), in a temporary folder so that nothing lands in the checkout."""
 
 import itertools
-import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import nbformat
 import papermill
 import pytest
+import torch
 
 from neoxlab.compare import load_run
+from neoxlab.config import load_config
+from neoxlab.data.corpora import fetch_shakespeare, write_shakespeare_jsonl
+from neoxlab.tokenizer import read_text
+from neoxlab.tracking import read_metrics, read_summary
+from neoxlab.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "notebooks" / "shakespeare_training_notebook.ipynb"
 CODE = ROOT / "notebooks" / "code_completion_notebook.ipynb"
 NOTEBOOKS = [SHAKESPEARE, CODE]
+CONFIG = ROOT / "configs" / "shakespeare.yml"
 COLAB_URL = "https://colab.research.google.com/github/neoxlab/neoxlab/blob/main/notebooks/"
 
 # A model that trains in a fraction of a second per run, for both notebooks.
@@ -27,7 +35,7 @@ TINY_MODEL = [
     "max-position-embeddings=64",
     "micro-batch-size=2",
     "global-batch-size=4",
-    "sample-tokens=16",
+    "sample-tokens=8",
 ]
 SHAKESPEARE_PARAMETERS = {
     "train_iters": 24,
@@ -37,14 +45,15 @@ SHAKESPEARE_PARAMETERS = {
     "log_interval": 4,
     "model_overrides": TINY_MODEL,
     "device": "cpu",
-    "use_wandb": True,  # offline (WANDB_MODE below): the path users take, without an account
+    "use_wandb": True,  # no key and no WANDB_MODE: offline, the path users take without an account
+    "resume_main_run": True,  # the test leaves a stopped main run behind (see the test)
 }
 CODE_PARAMETERS = {
     "train_iters": 12,
     "experiment_iters": 6,
     "eval_interval": 6,
     "eval_iters": 2,
-    "line_completion_samples": 4,
+    "line_completion_samples": 2,
     "log_interval": 3,
     "max_files": 40,
     "vocab_size": 400,
@@ -61,7 +70,9 @@ CODE_EXPERIMENTS = [
     "adamw-wsd",
     "adamw-clip-value",
     "adamw-no-wd-embedding",
+    "adamw-seed2",
 ]
+README = ROOT / "README.md"
 
 
 def _parameter_names(path: Path) -> set[str]:
@@ -102,6 +113,13 @@ def _execute(path: Path, tmp_path: Path, parameters: dict) -> tuple[nbformat.Not
     return nbformat.read(executed, as_version=4), work
 
 
+def _code_cell(path: Path, containing: str) -> str:
+    notebook = nbformat.read(path, as_version=4)
+    return next(
+        c.source for c in notebook.cells if c.cell_type == "code" and containing in c.source
+    )
+
+
 def _outputs(notebook: nbformat.NotebookNode, kind: str) -> list[str]:
     """The text of every output of that MIME type (or stream text for 'stream')."""
     found = []
@@ -127,7 +145,9 @@ def kernel_environment(tmp_path, monkeypatch):
     ):
         monkeypatch.setenv(variable, str(tmp_path / "wandb-home" / folder))
     monkeypatch.setenv("NETRC", str(tmp_path / "wandb-home" / "netrc"))
+    # As on a fresh Colab: no key, and no WANDB_MODE to say what to do without one.
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
@@ -146,34 +166,110 @@ def test_notebook_is_committed_clean(path):
             assert before.cell_type == "markdown", f"no explanation before:\n{cell.source}"
     tagged = [cell for cell in code_cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assert {"train_iters", "device", "use_wandb", "model_overrides"} <= _parameter_names(path)
-    install = next(cell.source for cell in code_cells if "pip" in cell.source)
-    assert '"google.colab" in sys.modules' in install
-    assert "https://github.com/neoxlab/neoxlab" in install
+    names = {"train_iters", "device", "use_wandb", "model_overrides", "resume_main_run"}
+    assert names <= _parameter_names(path)
+    # A short run still draws a curve: the evaluation interval follows train_iters by default.
+    assert papermill.inspect_notebook(str(path))["eval_interval"]["default"] == "None"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_keeps_colabs_torch_and_clones_the_readme_url(path):
+    install = _code_cell(path, '"google.colab" in sys.modules')
+    # pip installs neoxlab under a constraint that pins torch to the version already there
+    assert 'keep_torch.write_text(f"torch=={torch.__version__}' in install
+    assert '"--constraint", str(keep_torch)' in install
+    assert "print(f\"installing neoxlab beside Colab's torch {torch.__version__}" in install
+    # the clone URL is the one the README tells people to clone
+    url = re.search(r'REPO_URL = "([^"]+)"', install).group(1)
+    assert f"git clone {url}" in README.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_stops_on_a_cpu_unless_asked(path, tmp_path, kernel_environment):
+    """device="auto" without a GPU: *Run all* stops at the GPU check with neoxlab's one-line
+    error, before any data is prepared (device="cpu", asked for on purpose, trains: below)."""
+    with pytest.raises(papermill.PapermillExecutionError) as stopped:
+        _execute(path, tmp_path, {"device": "auto", "use_wandb": False})
+    assert stopped.value.ename == "NeoxlabError"
+    error = next(
+        output
+        for cell in nbformat.read(tmp_path / path.name, as_version=4).cells
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "error"
+    )
+    assert len(error["traceback"]) == 1  # one line, not a traceback
+    assert error["traceback"][0].startswith("error: no GPU here")
+    assert 'device = "cpu"' in error["traceback"][0]
+    assert list((tmp_path / "work").iterdir()) == []  # no data, tokenizer or runs
+
+
+def _stopped_main_run_and_a_newer_run(work: Path) -> Path:
+    """What a disconnect leaves: the notebook's main run stopped halfway with a checkpoint, and
+    a newer run folder of another name (the newest run, which `latest` used to continue)."""
+    data = write_shakespeare_jsonl(
+        read_text(fetch_shakespeare()), work / "data" / "shakespeare.jsonl"
+    )
+    parameters = SHAKESPEARE_PARAMETERS
+    overrides = [
+        f"data-path={data}",
+        # The notebook's own tokenizer file: trained here, the notebook finds it trained (as it
+        # does after a disconnect) and resumes with it.
+        f"vocab-file={work / 'tokenizer' / 'shakespeare-bpe-5000.json'}",
+        "device=cpu",
+        "run-name=main",
+        f"train-iters={parameters['train_iters']}",
+        f"exit-interval={parameters['train_iters'] // 2}",
+        f"eval-interval={parameters['eval_interval']}",
+        f"save-interval={parameters['eval_interval']}",
+        f"eval-iters={parameters['eval_iters']}",
+        *parameters["model_overrides"],
+    ]
+    stopped = train(load_config([CONFIG], overrides), config_files=[str(CONFIG)], progress=False)
+    assert stopped.step == parameters["train_iters"] // 2 and not stopped.finished
+    # copied, not copied with its times: every file of the copy is newer
+    newer = work / "runs" / stopped.run_dir.name.replace("main-", "other-")
+    shutil.copytree(stopped.run_dir, newer, copy_function=shutil.copy)
+    return stopped.run_dir
 
 
 @pytest.mark.slow
 def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # where the runs made here go: work/runs, as the notebook's
+    main_run = _stopped_main_run_and_a_newer_run(work)
     notebook, work = _execute(SHAKESPEARE, tmp_path, SHAKESPEARE_PARAMETERS)
+    stream = "".join(_outputs(notebook, "stream"))
 
     runs = {path.name.rsplit("-", 1)[0]: path for path in (work / "runs").iterdir()}
-    assert set(runs) == {"main", "baseline", "lr-x3", "batch-x2", "depth-x2", "resume-demo"}
-    for name, run_dir in runs.items():
-        summary = json.loads((run_dir / "summary.json").read_text())
+    expected_runs = {"main", "baseline", "lr-x3", "batch-x2", "depth-x2", "resume-demo"}
+    assert set(runs) == {*expected_runs, "other"}
+    # resume_main_run: the main run continued by name, not the newest run folder
+    assert list((work / "runs").glob("main-*")) == [main_run]
+    assert f"resuming {main_run.name} from step_0000012" in stream
+    assert [m["step"] for m in read_metrics(main_run) if "val/loss" in m] == [0, 12, 24]
+    for name in expected_runs:
         expected = SHAKESPEARE_PARAMETERS["train_iters" if name == "main" else "experiment_iters"]
         if name == "resume-demo":
             expected = max(4, SHAKESPEARE_PARAMETERS["experiment_iters"] // 5)
-        assert summary["step"] == expected, name
-        assert list((run_dir / "wandb").glob("offline-run-*")), f"{name} logged no W&B run"
+        assert read_summary(runs[name])["step"] == expected, name
+        assert list((runs[name] / "wandb").glob("offline-run-*")), f"{name} logged no W&B run"
+    # no key and no WANDB_MODE: the notebook says W&B logs offline, and asks for nothing
+    assert "W&B: no API key found, so runs log offline" in stream
     # the resume demo stopped halfway and continued: one run folder, two W&B offline parts
     assert len(list((runs["resume-demo"] / "wandb").glob("offline-run-*"))) == 2
     assert (work / "experiments.png").read_bytes().startswith(b"\x89PNG")
     exported = {path.name for path in next((work / "exports").iterdir()).iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= exported
     assert len(_outputs(notebook, "image/png")) >= 2  # the loss curve and the comparison
-    stream = "".join(_outputs(notebook, "stream"))
     assert "validation loss" in stream and "resuming resume-demo" in stream
+    # the tokenizer's training code is shown (the run above trained it), the model printed and
+    # run once with its shapes
+    assert "def train_bpe(" in stream and "already trained:" in stream
+    assert "embed_out                  -> (2, 64, 5120)" in stream
+    assert "ln(5,120): the loss of guessing evenly" in stream
 
 
 @pytest.mark.slow
@@ -191,6 +287,15 @@ def test_code_completion_notebook_runs(tmp_path, kernel_environment):
         assert f"| {load_run(run_dir).best_val_loss:.4f} |" in rows[name], name
     markdown = _outputs(notebook, "text/markdown")
     findings = next(text for text in markdown if "**Optimizers**" in text)
+    best_loss = {name: load_run(run_dir).best_val_loss for name, run_dir in runs.items()}
     optimizers = ["sgd", "adamw", "lion", "muon"]
-    best = min(optimizers, key=lambda name: load_run(runs[name]).best_val_loss)
-    assert f"first: **{best}**" in findings
+    assert f"first: **{min(optimizers, key=best_loss.get)}**" in findings
+    # the noise threshold: the gap between two AdamW runs that differ only in their seed
+    noise = abs(best_loss["adamw-seed2"] - best_loss["adamw"])
+    assert f"ended {noise:.3f} apart" in findings
+    clipping = next(line for line in findings.splitlines() if "**Clipping**" in line)
+    within = abs(best_loss["adamw-clip-value"] - best_loss["adamw"]) <= noise
+    assert ("within the noise" if within else "beyond the noise") in clipping
+    # the algorithm runs warm up: the learning rate climbs before it decays
+    rates = [m["train/lr"] for m in read_metrics(runs["adamw"]) if "train/lr" in m]
+    assert rates[0] < max(rates) and rates.index(max(rates)) > 0

@@ -15,7 +15,7 @@ from neoxlab.checkpoint import read_state
 from neoxlab.config import load_config
 from neoxlab.errors import NeoxlabError
 from neoxlab.optim import lr_at
-from neoxlab.tracking import Tracker, colab_secret, read_metrics, read_summary
+from neoxlab.tracking import Tracker, colab_secret, read_metrics, read_summary, wandb_plan
 from neoxlab.trainer import train
 
 # A well-formed but fake key: it must never reach a file.
@@ -261,6 +261,27 @@ def test_wandb_mode_disabled_means_no_wandb_run(tmp_path):
     assert messages == ["W&B: off (WANDB_MODE=disabled)"]
     assert not (tmp_path / "wandb").exists() and tracker.wandb_run is None
     assert read_metrics(tmp_path) == [{"step": 1, "tokens": 8, "train/loss": 1.0}]
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("", "W&B: no API key found, so runs log offline"),
+        ("offline", "W&B: WANDB_MODE=offline, so runs log offline"),
+        ("disabled", "W&B: off (WANDB_MODE=disabled)"),
+    ],
+)
+def test_wandb_plan_says_what_runs_will_do_and_asks_nothing(wandb_home, monkeypatch, mode, said):
+    """What a notebook prints before training, instead of a login prompt."""
+    if mode:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    assert wandb_plan().startswith(said)
+
+
+def test_wandb_plan_online_without_a_key_is_a_clear_error(wandb_home, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(NeoxlabError, match="no W&B API key"):
+        wandb_plan()
 
 
 @pytest.mark.parametrize(

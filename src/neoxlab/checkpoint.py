@@ -39,6 +39,7 @@ from neoxlab.config import Config, config_from_dict, model_config, padded_vocab_
 from neoxlab.errors import NeoxlabError
 from neoxlab.model import GPTNeoX
 from neoxlab.tokenizer import load_tokenizer
+from neoxlab.tracking import RUNS_DIR, runs_under
 
 STEP_PREFIX = "step_"
 FILES = ("model.safetensors", "optimizer.pt", "state.json", "tokenizer.json")
@@ -286,6 +287,21 @@ def run_checkpoint(run: Path) -> Path | None:
 def print_note(message: str) -> None:
     """A note for the person at the terminal, on stderr (stdout may be generated text)."""
     print(f"note: {message}", file=sys.stderr)
+
+
+def resumable_run(run_name: str | None, base: Path | None = None) -> Path | None:
+    """The run under runs/ (named `run_name`, when set) holding the newest complete checkpoint;
+    None when there is none.
+
+    `--resume auto` and the notebooks' resume use it: the same command, rerun after any stop (a
+    preempted VM, a Slurm requeue, a disconnected Colab), continues where the last complete
+    checkpoint left off, and a name keeps it to that run (never a newer run of another shape)."""
+    written = []  # (when its newest complete checkpoint was written, run)
+    for run in runs_under(base or Path.cwd() / RUNS_DIR, run_name):
+        checkpoint = run_checkpoint(run)
+        if checkpoint is not None:
+            written.append(((checkpoint / "state.json").stat().st_mtime, run))
+    return max(written)[1] if written else None
 
 
 def resolve_checkpoint(path: Path, notice: Callable[[str], None] = print_note) -> Path:

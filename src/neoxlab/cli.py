@@ -484,26 +484,20 @@ def _shell_quote(text: str) -> str:
 
 
 def _resumable_run(run_name: str | None) -> Path | None:
-    """`--resume auto` (and gpt-neox's `load: latest`): the run under runs/ (named `run_name`,
-    when set) holding the newest complete checkpoint; None, saying so, when there is none.
+    """`--resume auto` (and gpt-neox's `load: latest`): see checkpoint.resumable_run; None,
+    saying so, when there is nothing to resume."""
+    from neoxlab.checkpoint import resumable_run
+    from neoxlab.tracking import RUNS_DIR
 
-    The same command can so be rerun after any stop (a preempted cloud VM, a Slurm requeue,
-    a torchrun restart) and continues where the last complete checkpoint left off."""
-    from neoxlab.checkpoint import run_checkpoint
-    from neoxlab.tracking import RUNS_DIR, runs_under
-
-    base = Path.cwd() / RUNS_DIR
-    written = []  # (when its newest complete checkpoint was written, run)
-    for run in runs_under(base, run_name):
-        checkpoint = run_checkpoint(run)
-        if checkpoint is not None:
-            written.append(((checkpoint / "state.json").stat().st_mtime, run))
-    if not written:
+    run = resumable_run(run_name)
+    if run is None:
         named = f" named {run_name}" if run_name else ""
-        message = f"note: no run{named} under {base} has a checkpoint: starting a new run"
-        print(message, file=sys.stderr)
-        return None
-    return max(written)[1]  # the trainer says which checkpoint it resumes from
+        base = Path.cwd() / RUNS_DIR
+        print(
+            f"note: no run{named} under {base} has a checkpoint: starting a new run",
+            file=sys.stderr,
+        )
+    return run  # the trainer says which checkpoint it resumes from
 
 
 def _run_to_load(load: str, is_main: bool) -> Path | None:
@@ -719,10 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.handler(args)
     except NeoxlabError as err:
-        message = f"error: {err.message}"
-        if err.hint:
-            message += f" (hint: {err.hint})"
-        print(textwrap.shorten(message, 2000), file=sys.stderr)
+        print(textwrap.shorten(err.line(), 2000), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,3 +14,12 @@ class NeoxlabError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def line(self) -> str:
+        """The one line the CLI prints: `error: <message> (hint: <hint>)`."""
+        return f"error: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython (Jupyter, Colab) shows this instead of a traceback; the cell still fails, so
+        # *Run all* stops there, as the CLI stops with exit code 2.
+        return [self.line()]

@@ -107,8 +107,7 @@ def evaluate_run(
                 "code-metrics needs the validation documents' text for line completion",
                 hint="set data-path to a .jsonl or .txt file (e.g. neoxlab prepare python-stdlib)",
             )
-        # Leave room for the completion inside the context the model was trained on.
-        prompt_tokens = max(config.seq_length - LINE_MAX_NEW_TOKENS, config.seq_length // 2)
+        prompt_tokens = line_prompt_tokens(config.seq_length)
         samples = sample_lines(data.validation_texts, config.line_completion_samples)
         completions = line_completion(
             model, data.tokenizer, samples, data.eod_id, prompt_tokens, progress=progress
@@ -202,29 +201,45 @@ def line_completion(
     `progress` shows a bar over the lines."""
     if not samples:
         raise NeoxlabError("the validation documents have no non-blank line to complete")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predictions = []
-    for sample in progress_bar(samples, "line completions", "line", progress):
-        # Training saw each document after an end-of-document token: so does the prompt.
-        ids = [eod_id, *encode(tokenizer, sample.prefix)][-prompt_tokens:]
-        stream = model.generate(
-            torch.tensor([ids], device=device),
-            LINE_MAX_NEW_TOKENS,
-            temperature=0.0,
-            eos_token_id=eod_id,
-        )
-        new_ids: list[int] = []
-        completion = ""
-        for token in stream:
-            new_ids.append(int(token[0]))
-            completion = tokenizer.decode(new_ids, skip_special_tokens=True)
-            if "\n" in completion:
-                break
-        predictions.append(completion.split("\n", 1)[0].rstrip())
+    predictions = [
+        complete_line(model, tokenizer, sample.prefix, eod_id, prompt_tokens)
+        for sample in progress_bar(samples, "line completions", "line", progress)
+    ]
     model.train(was_training)
     return line_completion_scores(predictions, [sample.target for sample in samples])
+
+
+@torch.no_grad()
+def complete_line(
+    model: nn.Module, tokenizer: Tokenizer, prefix: str, eod_id: int, prompt_tokens: int
+) -> str:
+    """The model's greedy completion of the line `prefix` ends in, as line completion scores
+    it: at most LINE_MAX_NEW_TOKENS tokens, up to the first newline, trailing spaces dropped."""
+    # Training saw each document after an end-of-document token: so does the prompt.
+    ids = [eod_id, *encode(tokenizer, prefix)][-prompt_tokens:]
+    device = next(model.parameters()).device
+    stream = model.generate(
+        torch.tensor([ids], device=device),
+        LINE_MAX_NEW_TOKENS,
+        temperature=0.0,
+        eos_token_id=eod_id,
+    )
+    new_ids: list[int] = []
+    completion = ""
+    for token in stream:
+        new_ids.append(int(token[0]))
+        completion = tokenizer.decode(new_ids, skip_special_tokens=True)
+        if "\n" in completion:
+            break
+    return completion.split("\n", 1)[0].rstrip()
+
+
+def line_prompt_tokens(seq_length: int) -> int:
+    """How many tokens of the file a line-completion prompt keeps: room is left for the
+    completion inside the context the model was trained on."""
+    return max(seq_length - LINE_MAX_NEW_TOKENS, seq_length // 2)
 
 
 def line_completion_scores(predictions: Sequence[str], targets: Sequence[str]) -> dict[str, float]:

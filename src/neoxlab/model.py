@@ -560,43 +560,68 @@ class LinearCrossEntropy(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
-        counted = targets != IGNORE_INDEX
-        count = counted.sum()
-        # all targets ignored: the plain path's loss is NaN (0 / 0); its gradients are zero
-        inverse_count = 1.0 / count.clamp(min=1).float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
         elements = LOSS_CHUNK_ELEMENTS.get(device_type, LOSS_CHUNK_ELEMENTS["other"])
         rows = max(1, elements // weight.size(0))
-        with torch.autocast(device_type, enabled=False):  # dtypes are explicit here
-            for start in range(0, hidden.size(0), rows):
-                chunk = slice(start, start + rows)
-                log_probs = (hidden_c[chunk] @ weight_c.T).float().log_softmax(dim=-1)
-                targets_c, counted_c = targets[chunk], counted[chunk]
-                picked = targets_c.clamp(min=0)[:, None]  # a valid index for ignored rows too
-                total -= (log_probs.gather(1, picked).squeeze(1) * counted_c).sum()
-                if not need_grads:
-                    continue
-                grad_logits = log_probs.exp_()
-                grad_logits.scatter_add_(1, picked, torch.full_like(grad_logits[:, :1], -1.0))
-                grad_logits *= (counted_c * inverse_count)[:, None]
-                grad_logits = grad_logits.to(dtype)
-                grad_hidden[chunk] = grad_logits @ weight_c
-                if dtype == torch.float32:  # accumulated in place: no (vocab, hidden) temporary
-                    grad_weight.addmm_(grad_logits.T, hidden_c[chunk])
-                else:
-                    grad_weight += (grad_logits.T @ hidden_c[chunk]).float()
+        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad_hidden, grad_weight = chunked_linear_cross_entropy(
+            hidden, weight, targets, dtype, rows, need_grads
+        )
         if need_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None
+
+
+# One operator to torch.compile, which neither unrolls its chunk loop into the graph nor fuses
+# it: the loop runs as written here, on any device. Unrolled, Pythia-14M's 25 chunks on a CPU
+# made the first compiled step take 2.7x the CPU time of the same model with the plain loss.
+@torch.library.custom_op("neoxlab::chunked_linear_cross_entropy", mutates_args=())
+def chunked_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, rows: int, grads: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LinearCrossEntropy's work in chunks of `rows` rows, matmuls in `dtype`: the loss, and
+    with `grads` its gradients with respect to hidden and weight (fp32), else empty tensors."""
+    hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+    counted = targets != IGNORE_INDEX
+    count = counted.sum()
+    # all targets ignored: the plain path's loss is NaN (0 / 0); its gradients are zero
+    inverse_count = 1.0 / count.clamp(min=1).float()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads else total.new_empty(0)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here
+        for start in range(0, hidden.size(0), rows):
+            chunk = slice(start, start + rows)
+            log_probs = (hidden_c[chunk] @ weight_c.T).float().log_softmax(dim=-1)
+            targets_c, counted_c = targets[chunk], counted[chunk]
+            picked = targets_c.clamp(min=0)[:, None]  # a valid index for ignored rows too
+            total -= (log_probs.gather(1, picked).squeeze(1) * counted_c).sum()
+            if not grads:
+                continue
+            grad_logits = log_probs.exp_()
+            grad_logits.scatter_add_(1, picked, torch.full_like(grad_logits[:, :1], -1.0))
+            grad_logits *= (counted_c * inverse_count)[:, None]
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden[chunk] = grad_logits @ weight_c
+            if dtype == torch.float32:  # accumulated in place: no (vocab, hidden) temporary
+                grad_weight.addmm_(grad_logits.T, hidden_c[chunk])
+            else:
+                grad_weight += (grad_logits.T @ hidden_c[chunk]).float()
+    return total / count, grad_hidden, grad_weight
+
+
+@chunked_linear_cross_entropy.register_fake
+def _chunked_linear_cross_entropy_shapes(
+    hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, rows: int, grads: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if not grads:
+        return loss, hidden.new_empty(0), loss.new_empty(0)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight, dtype=torch.float32)
 
 
 def sample_next_token(

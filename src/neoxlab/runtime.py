@@ -1,5 +1,10 @@
-"""Hardware decisions: device, precision, torch.compile, fp32 matmul precision (TF32 on GPUs,
-bf16 arithmetic on CPUs that have it), and peak FLOP/s for MFU."""
+"""Hardware decisions: device, precision, torch.compile, the attention kernels SDPA can use,
+fp32 matmul precision (TF32 on GPUs, bf16 arithmetic on CPUs that have it), and peak FLOP/s
+for MFU.
+
+What `auto` means on a CUDA GPU is a pure function of its compute capability (`choose_precision`,
+`auto_compile`, `attention_kernels`), so the choices for a T4 (7.5), an A100 (8.0) or an H100
+(9.0) run, and are tested, on any machine."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from neoxlab.errors import NeoxlabError
 
@@ -18,6 +24,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # torch.compile modes that capture CUDA graphs
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
+# Ampere (8.0) and later: native bf16, SDPA's flash kernel, and Triton's supported targets (so
+# torch.compile's GPU backend). A T4 (7.5) has none of them.
+AMPERE = (8, 0)
+
+# What `compile: auto` means on a CPU: the one place to change it. Off until measured:
+# inductor's C++ kernels must win back their compile time on the README quickstart
+# (configs/shakespeare.yml train-iters=300) on an idle machine; bench/RESULTS.md ("CPU: does
+# compiling the training step pay?") has the commands.
+COMPILE_ON_CPU_BY_DEFAULT = False
+
+# SDPA's kernels by the names the run's first line uses.
+ATTENTION_NAMES = {
+    SDPBackend.FLASH_ATTENTION: "flash",
+    SDPBackend.EFFICIENT_ATTENTION: "memory-efficient",
+    SDPBackend.CUDNN_ATTENTION: "cuDNN",
+    SDPBackend.MATH: "math",
+}
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -25,6 +49,7 @@ class Runtime:
     precision: str  # fp32 | fp16 | bf16
     compile: bool
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
+    capability: tuple[int, int] | None = None  # the CUDA GPU's compute capability
 
     @property
     def dtype(self) -> torch.dtype:
@@ -39,6 +64,23 @@ class Runtime:
     def cuda_graphs(self) -> bool:
         """Whether the compiled model replays CUDA graphs (each step must then be marked)."""
         return self.compile and self.device.type == "cuda" and self.compile_mode in CUDA_GRAPH_MODES
+
+    @property
+    def attention_kernels(self) -> tuple[SDPBackend, ...]:
+        return attention_kernels(self.device.type, self.capability, self.precision)
+
+    def describe(self) -> str:
+        """For the run's first line: "cuda bf16 compiled, flash attention", "cpu fp32"."""
+        text = f"{self.device.type} {self.precision}"
+        if self.compile:
+            text += (
+                " compiled"
+                if self.compile_mode == "default"
+                else f" compiled ({self.compile_mode})"
+            )
+        if self.device.type == "cuda":
+            text += f", {ATTENTION_NAMES[self.attention_kernels[0]]} attention"
+        return text
 
     def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` through torch.compile in the chosen mode, or itself when compile is off."""
@@ -93,36 +135,78 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    # is_bf16_supported() counts emulation and says True on a T4: ask for native support only.
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability >= 8.0 (not
+    torch.cuda.is_bf16_supported(), which counts emulation and says True on a T4)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= AMPERE
+
+
+def choose_precision(
+    device_type: str, capability: tuple[int, int] | None, requested: str, notice=print
+) -> str:
+    """The precision to train in for the config's request (auto | fp32 | fp16 | bf16):
+    on a CUDA GPU bf16 where native (`capability` >= 8.0), else fp16 with the GradScaler;
+    elsewhere fp32."""
+    if device_type != "cuda":
+        if requested in ("fp16", "bf16"):
+            notice(f"note: {requested} requested but running on {device_type}: training in fp32")
+        return "fp32"
+    bf16 = capability is not None and capability >= AMPERE  # see native_bf16
+    if requested == "auto":
+        return "bf16" if bf16 else "fp16"
+    if requested == "bf16" and not bf16:
+        raise NeoxlabError(
+            "bf16 was requested but this GPU has no native bf16",
+            hint="use fp16 (the GradScaler handles overflow) or precision=auto",
+        )
+    return requested
+
+
+def auto_compile(device_type: str, capability: tuple[int, int] | None) -> bool:
+    """What `compile: auto` means: on CUDA GPUs Triton supports (sm >= 8.0; a T4 or a V100
+    runs eagerly), on a CPU COMPILE_ON_CPU_BY_DEFAULT, elsewhere (MPS) off."""
+    if device_type == "cuda":
+        return capability is not None and capability >= AMPERE
+    return device_type == "cpu" and COMPILE_ON_CPU_BY_DEFAULT
+
+
+def attention_kernels(
+    device_type: str, capability: tuple[int, int] | None, precision: str
+) -> tuple[SDPBackend, ...]:
+    """SDPA's kernels able to run neoxlab's causal attention (no mask) in `precision`, in the
+    order torch tries them: the first is the one that runs. On a CUDA GPU flash needs
+    sm >= 8.0 and fp16/bf16, the memory-efficient kernel takes bf16 from sm 8.0 on (fp16 and
+    fp32 anywhere), math takes anything; cuDNN's comes after math in torch's order and never
+    runs unless asked for. A CPU has its own flash kernel (any float type). Elsewhere (MPS):
+    () - torch's choice, not listed here. bench/gpu_check.py checks on a GPU that the first
+    is what SDPA picks."""
+    if device_type == "cpu":
+        return (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    if device_type != "cuda" or capability is None:
+        return ()
+    ampere = capability >= AMPERE
+    kernels = []
+    if ampere and precision in ("fp16", "bf16"):
+        kernels.append(SDPBackend.FLASH_ATTENTION)
+    if ampere or precision != "bf16":
+        kernels.append(SDPBackend.EFFICIENT_ATTENTION)
+    return (*kernels, SDPBackend.MATH)
 
 
 def resolve_runtime(
     device: str, precision: str, compile_setting: str, notice=print, compile_mode: str = "default"
 ) -> Runtime:
-    """`precision` is the config's request (auto | fp32 | fp16 | bf16). For the process, this
-    also turns TF32 on for a CUDA device and bf16 matmul arithmetic for a CPU."""
+    """`precision` is the config's request (auto | fp32 | fp16 | bf16), `compile_setting` its
+    `compile` (auto | true | false). For the process, this also turns TF32 on for a CUDA device
+    and bf16 matmul arithmetic for a CPU."""
     dev = resolve_device(device)
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     if dev.type == "cuda":
         enable_tf32()
     elif dev.type == "cpu":
         enable_fast_cpu_matmuls()
-    if dev.type != "cuda":
-        if precision in ("fp16", "bf16"):
-            notice(f"note: {precision} requested but running on {dev.type}: training in fp32")
-        chosen = "fp32"
-    elif precision == "auto":
-        chosen = "bf16" if native_bf16(dev) else "fp16"
-    elif precision == "bf16" and not native_bf16(dev):
-        raise NeoxlabError(
-            "bf16 was requested but this GPU has no native bf16",
-            hint="use fp16 (the GradScaler handles overflow) or precision=auto",
-        )
-    else:
-        chosen = precision
+    chosen = choose_precision(dev.type, capability, precision, notice)
     if compile_setting == "auto":
-        # Triton targets sm >= 8.0; older GPUs (T4, V100) and CPUs run eagerly by default.
-        use_compile = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8
+        use_compile = auto_compile(dev.type, capability)
     else:
         use_compile = compile_setting == "true"
-    return Runtime(dev, chosen, use_compile, compile_mode)
+    return Runtime(dev, chosen, use_compile, compile_mode, capability)

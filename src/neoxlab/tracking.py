@@ -417,6 +417,22 @@ def open_wandb(
     return WandbSink(wandb, run, run_dir, _saved_samples(run_dir, resume_step))
 
 
+def wandb_plan() -> str:
+    """What runs with use-wandb will do with W&B, in one line, asking for no key: a notebook
+    prints it before training, so W&B never holds *Run all* at a login prompt."""
+    requested = os.environ.get("WANDB_MODE", "").strip().lower()
+    if requested == "disabled":
+        return "W&B: off (WANDB_MODE=disabled); runs write metrics.jsonl only"
+    mode, reason, colab_key = _choose_wandb_mode(_import_wandb(), requested)
+    if mode == "online":
+        source = "the Colab secret WANDB_API_KEY" if colab_key else "WANDB_API_KEY or wandb login"
+        return f"W&B: an API key is set ({source}), so runs log online"
+    plan = f"W&B: {reason}, so runs log offline into their run folders (wandb sync uploads them)"
+    if not requested:  # no key: say how to get one in
+        plan += "; to log online, set WANDB_API_KEY (on Colab: a secret of that name)"
+    return plan
+
+
 def _import_wandb() -> Any:
     try:
         import wandb

@@ -433,8 +433,7 @@ class Trainer:
         adapters = f" ({trained:,} trained: LoRA adapters)" if self.lora else ""
         self.log(
             f"run {self.run_dir} | {self.model.num_parameters():,} parameters{adapters} | "
-            f"{self.runtime.device.type} {self.runtime.precision}"
-            f"{' compiled' if self.runtime.compile else ''} | batch {self.global_batch} x "
+            f"{self.runtime.describe()} | batch {self.global_batch} x "
             f"{self.config.seq_length} tokens ({self.accumulation} micro-batches of "
             f"{self.micro_batch})"
         )
