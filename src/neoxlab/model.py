@@ -363,6 +363,13 @@ class GPTNeoX(nn.Module):
         head = self.gpt_neox.embed_in if self.embed_out is None else self.embed_out
         return head.weight
 
+    def _head(self, hidden: Tensor) -> Tensor:
+        """Next-token scores. An own output layer is called as a module, so that forward hooks
+        and adapters on embed_out (LoRA, say) see it; a tied one is the embedding's matrix."""
+        if self.embed_out is None:
+            return F.linear(hidden, self.gpt_neox.embed_in.weight)
+        return self.embed_out(hidden)
+
     def init_weights(self) -> None:
         """GPT-NeoX's init (Pythia's: "small_init", but "wang_init" for the layers that feed the
         residual stream); biases zero, norms the identity."""
@@ -404,7 +411,7 @@ class GPTNeoX(nn.Module):
                 hidden.flatten(0, 1), self.output_weight, targets.reshape(-1)
             )
             return None, loss
-        logits = F.linear(hidden, self.output_weight)
+        logits = self._head(hidden)
         if targets is None:
             return logits, None
         # in fp32: a bf16/fp16 softmax over ~50k classes loses too much precision
@@ -419,7 +426,7 @@ class GPTNeoX(nn.Module):
         position_ids: Tensor | None,
         caches: list[KVCache] | None = None,
     ) -> Tensor:
-        return F.linear(self._hidden(input_ids, position_ids, caches), self.output_weight)
+        return self._head(self._hidden(input_ids, position_ids, caches))
 
     def _hidden(
         self,
