@@ -8,7 +8,8 @@ scale backoff), the T4 path (fp16, eager, SDPA limited to a T4's kernels), torch
 default and reduce-overhead (CUDA graphs, with gradient accumulation) modes against eager, the
 chunked loss, the device-resident sampler, KV-cache generation, greedy parity with
 transformers, exact resume (dropout on: the CUDA RNG state), torchrun DDP and FSDP2 over NCCL
-in a world of one process, and which SDPA kernel runs. Then speed, at the full scripts' shapes
+in a world of one process, which SDPA kernel runs, LoRA in fp16 (the T4's finetuning), QLoRA
+(nf4 base weights; CUDA only) and 8-bit AdamW (close to AdamW, exact resume). Then speed, at the full scripts' shapes
 with shorter runs and steady-state windows after a warm-up: the baby GPT (baby_gpt.py) and the
 Pythia-160M shape with its MFU (pythia160m.py), neoxlab against transformers; KV-cache
 generation at batch 1 and 16 (generate.py); the notebooks' configs as a T4 runs them, with
@@ -95,6 +96,8 @@ CHECK_RUN = [
     "sample-tokens=0",
     "save=false",
 ]
+# The model keys a run with init-from takes from the model it starts from.
+INIT_FROM_BRINGS = {"hidden-size", "num-layers", "num-attention-heads", "max-position-embeddings"}
 # Loss agreement between two runs of the same steps, by precision (bf16 and TF32 round early).
 LOSS_TOLERANCE = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 GRAD_NORM_TOLERANCE = 0.05  # relative: Adam hides a scaled gradient from the losses, not the norm
@@ -132,18 +135,20 @@ class Context:
     smoke: bool
     folder: Path  # the working directory: runs/ lands here
 
-    def model(self) -> list[str]:
-        """Overrides of the checks' small model on this device, on random tokens."""
+    def model(self, init_from: Path | None = None) -> list[str]:
+        """Overrides of the checks' small model on this device, on random tokens; with
+        `init_from`, of a run on that model (which brings its shape and tokenizer)."""
         corpus = self.folder / "corpus"
         if not corpus.exists():
             corpus.mkdir()
             corpora.synthetic_corpus(corpus, 300 if self.smoke else 512, 400_000, predictable=0.8)
         shapes = common.SMOKE_MODEL if self.smoke else GPU_MODEL
-        data = [
-            f"data-path={corpus / 'random_text_document'}",
-            f"vocab-file={corpus / 'tokenizer.json'}",
-            "tokenizer-type=hf",
-        ]
+        data = [f"data-path={corpus / 'random_text_document'}"]
+        if init_from is None:
+            data += [f"vocab-file={corpus / 'tokenizer.json'}", "tokenizer-type=hf"]
+        else:
+            data.append(f"init-from={init_from}")
+            shapes = [s for s in shapes if s.split("=")[0] not in INIT_FROM_BRINGS]
         return [*data, *shapes, *CHECK_RUN, f"device={self.device.type}"]
 
     def on_cpu(self) -> Context:
@@ -165,12 +170,16 @@ class Result:
 
 
 def trainer_for(
-    context: Context, *overrides: str, precision: str | None = None, resume: Path | None = None
+    context: Context,
+    *overrides: str,
+    precision: str | None = None,
+    resume: Path | None = None,
+    init_from: Path | None = None,
 ) -> Trainer:
     """A Trainer of the checks' model. `precision` is required of the runtime on a GPU; on a CPU
     (--smoke), where resolve_runtime trains in fp32, it is forced, so that CPU autocast and
     GradScaler("cpu") run the same code."""
-    config = common.neoxlab_config([], [*context.model(), *overrides])
+    config = common.neoxlab_config([], [*context.model(init_from), *overrides])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(config, resume=resume, progress=False, log=common.quiet)
     if precision and trainer.runtime.device.type == "cpu":
@@ -544,6 +553,90 @@ def check_sdpa_kernel(context: Context) -> str:
     return f"{ATTENTION_NAMES[kernel]} ({trainer.runtime.precision}), as the runtime says"
 
 
+def lora_base(context: Context) -> Path:
+    """A transformers GPTNeoX folder of the checks' model after one step: the frozen base the
+    adapter checks train on (init-from), built once per process."""
+    folder = context.folder / "lora-base"
+    if not folder.exists():
+        overrides = ["train-iters=1", "save-interval=1", "save=checkpoints", "run-name=base"]
+        trainer = run(trainer_for(context, *overrides))
+        export_hf(latest_checkpoint(trainer.run_dir / "checkpoints"), folder, log=common.quiet)
+    return folder
+
+
+def adapters_train(context: Context, precision: str, *overrides: str) -> str:
+    """LoRA (rank 8) on the base: only adapters take gradients, the base's weights stay
+    bitwise unchanged (4-bit ones included), and the adapters learn: the last steps' losses
+    are below those of the frozen base (lr 0) on the same batches."""
+    steps = 10 if context.smoke else 20
+    runs = {}
+    for lr in ("0", "1e-2"):
+        runs[lr] = trainer_for(
+            context,
+            "lora-rank=8",
+            "lora-alpha=16",
+            f"lr={lr}",
+            f"train-iters={steps}",
+            f"eval-interval={steps}",
+            f"precision={precision}",
+            "compile=false",
+            *overrides,
+            precision=precision,
+            init_from=lora_base(context),
+        )
+    trainer = runs["1e-2"]
+    parameters = dict(trainer.model.named_parameters())
+    frozen = {name: p.detach().clone() for name, p in parameters.items() if not p.requires_grad}
+    trained = [name for name, p in parameters.items() if p.requires_grad]
+    for each in runs.values():
+        run(each)
+    if not trained or any(".lora_" not in name for name in trained):
+        raise CheckFailed(f"trained parameters other than adapters: {trained[:4]}")
+    moved = [name for name, before in frozen.items() if not parameters[name].equal(before)]
+    if moved:
+        raise CheckFailed(f"{len(moved)} frozen weights changed, e.g. {moved[0]}")
+    base, tuned = (list(logged(runs[lr]).values())[-5:] for lr in ("0", "1e-2"))
+    gain = (sum(base) - sum(tuned)) / len(base)
+    if not (all(math.isfinite(loss) for loss in tuned) and gain > 0):
+        raise CheckFailed(f"adapters did not learn: last losses {tuned} against the base's {base}")
+    return (
+        f"{precision}: {len(trained)} adapter tensors trained, {len(frozen)} frozen unchanged; "
+        f"last 5 losses {gain:.3f} below the frozen base's"
+    )
+
+
+def check_lora(context: Context) -> str:
+    """LoRA as a T4 trains it: fp16 with the GradScaler."""
+    return adapters_train(context, "fp16")
+
+
+def check_qlora(context: Context) -> str:
+    """QLoRA: the base's blocks in nf4 (bitsandbytes), adapters in the compute precision."""
+    if context.device.type != "cuda":
+        raise Skip("QLoRA needs CUDA (its CPU refusal: tests/test_finetune.py)")
+    precision = "bf16" if has_bf16(context) else "fp16"
+    return adapters_train(context, precision, "load-in-4bit=true")
+
+
+def check_adamw8bit(context: Context) -> str:
+    """bitsandbytes' 8-bit AdamW on the device: close to AdamW's run, and stopped at step 3 and
+    resumed, the uninterrupted run's losses."""
+    common_overrides = ["precision=fp32", "compile=false", "save=checkpoints", "save-interval=3"]
+    adamw = run(trainer_for(context, *common_overrides, "run-name=adamw"))
+    eight_bit = [*common_overrides, "optimizer.type=AdamW8bit"]
+    whole = run(trainer_for(context, *eight_bit, "run-name=whole"))
+    if type(whole.optimizer).__name__ != "AdamW8bit":
+        raise CheckFailed(f"the run stepped {type(whole.optimizer).__name__}, not AdamW8bit")
+    part = run(trainer_for(context, *eight_bit, "run-name=part", "exit-interval=3"))
+    resumed = run(trainer_for(context, *eight_bit, "run-name=part", resume=part.run_dir))
+    expected = {step: loss for step, loss in logged(whole).items() if step > 3}
+    got = {step: loss for step, loss in logged(resumed).items() if step > 3}
+    difference = agree(expected, got, 1e-5)
+    exact = "bitwise" if difference == 0 else f"within {difference:.1e}"
+    versus = agree(logged(adamw), logged(whole), LOSS_TOLERANCE["fp32"])
+    return f"losses within {versus:.1e} of AdamW's; resumed at 3: {exact} the uninterrupted run"
+
+
 # ---- speed ----------------------------------------------------------------------------------
 
 
@@ -648,6 +741,9 @@ CHECKS: dict[str, Callable[[Context], str]] = {
     "torchrun-ddp": check_ddp,
     "torchrun-fsdp2": check_fsdp2,
     "sdpa-kernel": check_sdpa_kernel,
+    "lora": check_lora,
+    "qlora": check_qlora,
+    "adamw8bit": check_adamw8bit,
 }
 SPEED: dict[str, Callable[[Context], list[list[str]]]] = {
     "speed-baby-gpt": speed_baby_gpt,

@@ -320,6 +320,8 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
     assert "tokens per step: 256 (8 sequences = 4 micro-batches of 2 x 32)" in out
     assert "optimizer steps: 50; tokens in total: 12,800" in out
     assert not (tmp_path / "runs").exists()
+    assert main(["train", *SHAPE, "micro-batch-size=8", "--dry-run"]) == 0
+    assert "(8 sequences = 1 micro-batch of 8 x 32)" in capsys.readouterr().out
 
 
 def test_dry_run_memory_follows_checkpointing_precision_and_optimizer():

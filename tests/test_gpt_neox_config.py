@@ -9,6 +9,7 @@ import gzip
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -609,7 +610,6 @@ def test_every_key_of_gpt_neox_configs_has_a_place():
         ("activation", "geglu", "activation must be one of"),
         ("sliding_window_width", 1024, "shorter than the context"),  # mistral/7B: 4096 of 8192
         ("moe_num_experts", 8, "a mixture of experts"),  # 125M-dmoe
-        ("use_bnb_optimizer", True, "8-bit optimizers"),  # bnb_125M
         ("te_mha", True, "TransformerEngine"),  # 1-3B-transformer-engine
         ("attention_config", [[["gmlp"], 12]], "attention type 'gmlp'"),  # gmlp_small
         ("pos_emb", "none", "pos-emb 'none'"),  # mamba
@@ -619,6 +619,35 @@ def test_every_key_of_gpt_neox_configs_has_a_place():
 def test_what_neoxlab_cannot_train_is_refused(tmp_path, key, value, message):
     with pytest.raises(NeoxlabError, match=message):
         load(tmp_path, {**GPT_NEOX_125M, key: value})
+
+
+def test_bnb_optimizer_is_8bit_adamw_as_in_gpt_neox(tmp_path, capsys):
+    # bnb_125M.yml: gpt-neox swaps its Adam for bitsandbytes' Adam8bit (= AdamW8bit)
+    bnb_125m = {
+        **GPT_NEOX_125M,
+        "use_bnb_optimizer": True,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.0006, "betas": [0.9, 0.999]}},
+        "zero_optimization": {"stage": 0},
+    }
+    config, _ = load(tmp_path, bnb_125m)
+    assert config.optimizer == {"type": "AdamW8bit", "params": {"betas": [0.9, 0.999]}}
+    assert config.lr == 0.0006
+    # other optimizer types ignore the key, as gpt-neox's do
+    lion = {**bnb_125m, "optimizer": {"type": "Lion", "params": {"lr": 0.0001}}}
+    assert load(tmp_path, lion)[0].optimizer["type"] == "Lion"
+    with pytest.raises(NeoxlabError, match=r"use-bnb-optimizer in .* must be true or false"):
+        load(tmp_path, {**bnb_125m, "use_bnb_optimizer": "yes"})
+    # the estimate counts 8-bit moments: 2 bytes a weight instead of AdamW's 8
+    plain = write(tmp_path, {**bnb_125m, "use_bnb_optimizer": False}, "plain.yml")
+    eight_bit = write(tmp_path, bnb_125m, "bnb.yml")
+    for path in (plain, eight_bit):
+        assert main(["train", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    adamw, adamw_8bit = (
+        float(number) * {"MiB": 1, "GiB": 1024}[unit]
+        for number, unit in re.findall(r"Adam\w* state ([\d.]+) ([MG]iB)", out)
+    )
+    assert adamw / adamw_8bit == pytest.approx(4, rel=0.03)  # small tensors keep 32-bit moments
 
 
 def test_accepted_at_the_value_neoxlab_trains(tmp_path):

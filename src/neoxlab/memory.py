@@ -117,7 +117,8 @@ class TrainingPlan:
         return [
             *lines,
             f"tokens per step: {self.tokens_per_step:,} ({self.global_batch} sequences = "
-            f"{self.accumulation} micro-batches of {self.micro_batch} x {self.seq_length})",
+            f"{self.accumulation} micro-batch{'es' if self.accumulation != 1 else ''} of "
+            f"{self.micro_batch} x {self.seq_length})",
             f"optimizer steps: {self.train_iters:,}; tokens in total: {self.total_tokens:,}",
         ]
 

@@ -289,7 +289,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "dataset_impl": Unsupported(("gpt2",), "pairwise or online datasets"),
     "pack_impl": Unsupported(("packed",), "unpacked documents (neoxlab packs them as gpt2)"),
     "train_epochs": Unsupported((None,), "a length in epochs (set train-iters)"),
-    "use_bnb_optimizer": Unsupported((False,), "bitsandbytes' 8-bit optimizers"),
     "fp16_lm_cross_entropy": Unsupported((False,), "the loss computed in fp16"),
     "no_load_optim": Unsupported((False,), "a resume without the optimizer state"),
     "no_load_rng": Unsupported((False,), "a resume without the random state"),
@@ -323,6 +322,7 @@ MERGED_KEYS = frozenset(
         "lr_decay_fraction",
         "expansion_factor",
         "sliding_window_width",
+        "use_bnb_optimizer",
     }
 )
 
@@ -463,6 +463,7 @@ def translate_merged(
         return merged.get(key, defaults[key])
 
     _finetune(merged, origin)
+    _bnb_optimizer(merged, origin)
     degree = merged.pop("model_parallel_size", 1)
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise NeoxlabError(f"model-parallel-size in {origin} must be a positive integer")
@@ -527,6 +528,19 @@ def _finetune(merged: dict[str, Any], origin: str) -> None:
     if merged.get("init_from") not in (None, load):
         raise NeoxlabError(f"finetune's load and init-from name different models in {origin}")
     merged["init_from"] = load
+
+
+def _bnb_optimizer(merged: dict[str, Any], origin: str) -> None:
+    """gpt-neox's `use-bnb-optimizer: true` swaps its Adam for bitsandbytes' Adam8bit (other
+    optimizer types ignore the key). bitsandbytes' Adam8bit and AdamW8bit are the same optimizer
+    (one kernel, weight decay decoupled), which neoxlab calls AdamW8bit. gpt-neox also makes
+    learned position embeddings bitsandbytes' StableEmbedding; neoxlab refuses those anyway."""
+    use_bnb = merged.pop("use_bnb_optimizer", False)
+    if not isinstance(use_bnb, bool):
+        raise NeoxlabError(f"use-bnb-optimizer in {origin} must be true or false, got {use_bnb!r}")
+    optimizer = merged.get("optimizer") or {}
+    if use_bnb and str(optimizer.get("type", "Adam")).lower() == "adam":
+        merged["optimizer"] = {**optimizer, "type": "AdamW8bit"}
 
 
 def _bf16_in_fp16_block(merged: dict[str, Any]) -> None:

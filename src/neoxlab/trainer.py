@@ -434,7 +434,8 @@ class Trainer:
         self.log(
             f"run {self.run_dir} | {self.model.num_parameters():,} parameters{adapters} | "
             f"{self.runtime.describe()} | batch {self.global_batch} x "
-            f"{self.config.seq_length} tokens ({self.accumulation} micro-batches of "
+            f"{self.config.seq_length} tokens ({self.accumulation} "
+            f"micro-batch{'es' if self.accumulation != 1 else ''} of "
             f"{self.micro_batch})"
         )
         last_eval: dict[str, float] = {}
