@@ -4,13 +4,16 @@
 
 Runs whose config differs only in `seed` fall into one group. Each cell is the mean over the
 group's runs ± half their range (so with two seeds both values are mean ± spread), of the value
-at each run's last evaluation; `best val loss` is each run's lowest val/loss. scripts/
-compare_algorithms.sh uses it for docs/algorithms.md; `neoxlab compare` lists the single runs.
+at each run's last evaluation; `best val loss` is each run's lowest val/loss. `--by run-name`
+groups by the run's name without its `-s<seed>` ending (the scripts name runs NAME-s<seed>).
+scripts/compare_algorithms.sh and compare_architectures.sh use it for docs/algorithms.md and
+docs/architectures.md; `neoxlab compare` lists the single runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -49,11 +52,19 @@ def _cell(values: list[float], column: str) -> str:
     return f"{mean:.3f} ± {spread:.3f}"
 
 
+def group_value(run: RunRecord, key: str) -> object:
+    """The run's value of config `key`; for run-name, the name without its -s<seed> ending."""
+    value = run.config.get(key)
+    if key == "run-name" and isinstance(value, str):
+        return re.sub(r"-s\d+$", "", value)
+    return value
+
+
 def summarize(runs: list[RunRecord], group_keys: list[str]) -> str:
     """One Markdown row per group of runs, lowest mean final val loss first."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
-        key = tuple(run.config.get(name) for name in group_keys)
+        key = tuple(group_value(run, name) for name in group_keys)
         groups.setdefault(key, []).append(run)
 
     def values(members: list[RunRecord], read: Callable[[RunRecord], float | None]) -> list[float]:

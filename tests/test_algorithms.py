@@ -380,12 +380,20 @@ def saved_for_backward(model: GPTNeoX, vocab: int) -> tuple[int, torch.Tensor | 
     return sum(saved.values()), logits
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_activation_estimate_matches_what_autograd_saves(parallel):
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        {},
+        {"gpt_j_residual": False},
+        # Llama-shaped, grouped key/value heads
+        {"gpt_j_residual": False, "norm": "rmsnorm", "activation": "swiglu", "num_kv_heads": 2},
+    ],
+)
+def test_activation_estimate_matches_what_autograd_saves(architecture):
     """fp32 on CPU: sum the distinct non-parameter storages autograd saves, plus the logits the
     caller holds, and compare with the documented formula."""
     config = Config(
-        hidden_size=64, num_layers=3, num_attention_heads=4, seq_length=64, gpt_j_residual=parallel
+        hidden_size=64, num_layers=3, num_attention_heads=4, seq_length=64, **architecture
     )
     vocab = 256
     saved, logits = saved_for_backward(GPTNeoX(model_config(config, vocab)).train(), vocab)

@@ -29,6 +29,7 @@ SCRIPTS = {
     "prepare_ceiling": ([], "Data preparation: pipeline vs tokenizer ceiling, peak memory", 5),
     "cpu_ratio": ([], "CPU: neoxlab vs transformers training step", 2),
     "lm_eval_tasks": ([], "Benchmarks: neoxlab's offline lm-eval tasks, quickstart model", 3),
+    "model_before_after": ([], "CPU: model.py before and after a change", 2),
     "finetune_memory": (
         ["--options", "lora", "qlora"],
         "Finetuning Pythia-1.4B on one GPU: peak memory vs estimate",

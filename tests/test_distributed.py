@@ -134,6 +134,39 @@ def test_sharded_checkpoint_resumes_on_one_process(overrides, reference, tmp_pat
         assert got[step] == pytest.approx(expected[step], abs=TOLERANCE), step
 
 
+# Every architecture variant at once, Llama-shaped: RMSNorm, SwiGLU, one key/value head, the
+# head tied to the embedding, no biases (tests/test_architectures.py checks each one alone).
+LLAMA_VARIANTS = [
+    "norm=rmsnorm",
+    "activation=swiglu",
+    "gpt-j-residual=false",
+    "rotary-pct=1.0",
+    "num-kv-heads=1",
+    "no-weight-tying=false",
+    "use-bias-in-attn-linear=false",
+    "use-bias-in-mlp=false",
+]
+
+
+@pytest.mark.slow
+def test_fsdp_and_resume_with_the_architecture_variants(overrides, tmp_path, monkeypatch):
+    variant = [*overrides, *LLAMA_VARIANTS]
+    monkeypatch.chdir(tmp_path)
+    reference = single_process([*variant, "run-name=one"]).run_dir
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    torchrun([*variant, "distributed=fsdp", "run-name=two", "exit-interval=3"], sharded)
+    run = only_run(sharded)
+    weights = load_file(list_checkpoints(run / "checkpoints")[0] / "model.safetensors")
+    assert "embed_out.weight" not in weights  # tied: one matrix, gathered once
+    resumed = train(load_config([], variant), resume=run, progress=False, log=lambda _: None)
+    assert resumed.finished and resumed.step == 6
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=TOLERANCE), step
+
+
 def fake_slurm(folder):
     """`srun` and `scontrol` stand-ins: srun runs its command here, the node list is localhost."""
     bin_dir = folder / "bin"

@@ -187,7 +187,7 @@ def test_shape_and_tokenizer_mismatches_are_clear(pythia, capsys):
     (pythia / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
     assert main(["generate", str(pythia), "--prompt", "User:", "--device", "cpu"]) == 2
     assert "has 300 tokens but the model's embedding only 256 rows" in capsys.readouterr().err
-    (pythia / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (pythia / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     assert main(["eval", str(pythia), "--device", "cpu"]) == 2
     assert "neoxlab runs GPT-NeoX models" in capsys.readouterr().err
 

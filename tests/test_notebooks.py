@@ -71,6 +71,7 @@ CODE_EXPERIMENTS = [
     "adamw-clip-value",
     "adamw-no-wd-embedding",
     "adamw-seed2",
+    "llama",
 ]
 README = ROOT / "README.md"
 
@@ -244,7 +245,8 @@ def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
     stream = "".join(_outputs(notebook, "stream"))
 
     runs = {path.name.rsplit("-", 1)[0]: path for path in (work / "runs").iterdir()}
-    expected_runs = {"main", "baseline", "lr-x3", "batch-x2", "depth-x2", "resume-demo"}
+    expected_runs = {"main", "baseline", "lr-x3", "batch-x2", "depth-x2", "llama-block"}
+    expected_runs.add("resume-demo")
     assert set(runs) == {*expected_runs, "other"}
     # resume_main_run: the main run continued by name, not the newest run folder
     assert list((work / "runs").glob("main-*")) == [main_run]
@@ -261,6 +263,13 @@ def test_shakespeare_notebook_runs(tmp_path, monkeypatch, kernel_environment):
     # the resume demo stopped halfway and continued: one run folder, two W&B offline parts
     assert len(list((runs["resume-demo"] / "wandb").glob("offline-run-*"))) == 2
     assert (work / "experiments.png").read_bytes().startswith(b"\x89PNG")
+    # the architecture experiment trains Llama's block, by gpt-neox's keys
+    llama = load_run(runs["llama-block"]).config
+    assert (llama["norm"], llama["activation"], llama["gpt-j-residual"]) == (
+        "rmsnorm",
+        "swiglu",
+        False,
+    )
     exported = {path.name for path in next((work / "exports").iterdir()).iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= exported
     assert len(_outputs(notebook, "image/png")) >= 2  # the loss curve and the comparison
@@ -278,7 +287,7 @@ def test_code_completion_notebook_runs(tmp_path, kernel_environment):
 
     runs = {path.name.rsplit("-", 1)[0]: path for path in (work / "runs").iterdir()}
     assert set(runs) == {"main", *CODE_EXPERIMENTS}
-    assert len(_outputs(notebook, "image/png")) >= 4  # curves, schedules, two comparisons
+    assert len(_outputs(notebook, "image/png")) >= 5  # curves, schedules, three comparisons
     # The summary is built from the runs: each row shows the run's own best validation loss.
     summary = next(text for text in _outputs(notebook, "text/markdown") if "| run | steps" in text)
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines()[2:]}
@@ -296,6 +305,17 @@ def test_code_completion_notebook_runs(tmp_path, kernel_environment):
     clipping = next(line for line in findings.splitlines() if "**Clipping**" in line)
     within = abs(best_loss["adamw-clip-value"] - best_loss["adamw"]) <= noise
     assert ("within the noise" if within else "beyond the noise") in clipping
+    # the architecture run: Llama's block, its parameter count printed beside Pythia's
+    assert "**Architecture**, Llama's block" in findings
+    llama = load_run(runs["llama"]).config
+    assert (llama["norm"], llama["activation"], llama["use-bias-in-mlp"]) == (
+        "rmsnorm",
+        "swiglu",
+        False,
+    )
+    stream = "".join(_outputs(notebook, "stream"))
+    assert re.search(r"llama: [\d,]+ parameters, rmsnorm, swiglu", stream)
+    assert (work / "architecture.png").read_bytes().startswith(b"\x89PNG")
     # the algorithm runs warm up: the learning rate climbs before it decays
     rates = [m["train/lr"] for m in read_metrics(runs["adamw"]) if "train/lr" in m]
     assert rates[0] < max(rates) and rates.index(max(rates)) > 0

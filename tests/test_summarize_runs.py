@@ -47,3 +47,14 @@ def test_seeds_are_averaged_per_optimizer_and_schedule(tmp_path):
     assert lion[header.split("|").index(" line exact match ") - 1] == "0.375 ± 0.125"
     assert sgd[:6] == ["SGD", "cosine", "1,2", "2.200 ± 0.200", "1.500 ± 0.000", "1.100 ± 0.100"]
     assert lion_wsd[:3] == ["Lion", "wsd", "1234"] and set(lion_wsd[3:]) == {"-"}
+
+
+def test_runs_group_by_name_without_the_seed(tmp_path):
+    summarize = _load_script().summarize
+    runs = [
+        _run(tmp_path, f"{name}{seed}", [f"run-name={name}-s{seed}", f"seed={seed}"], evals)
+        for name, evals in (("rmsnorm", [{"val/loss": 2.0}]), ("swiglu", [{"val/loss": 1.0}]))
+        for seed in (1, 2)
+    ]
+    _, _, *rows = summarize([load_run(r) for r in runs], ["run-name"]).splitlines()
+    assert [row.split("|")[1:3] for row in rows] == [[" swiglu ", " 1,2 "], [" rmsnorm ", " 1,2 "]]

@@ -23,7 +23,7 @@ import yaml
 from neoxlab import neox_compat
 from neoxlab.atomic import write_atomically
 from neoxlab.errors import NeoxlabError
-from neoxlab.model import INIT_METHODS, ModelConfig
+from neoxlab.model import ACTIVATIONS, INIT_METHODS, NORMS, ModelConfig
 from neoxlab.optim import OPTIMIZERS, SCHEDULES
 
 # Sections only group keys; their children are ordinary keys.
@@ -72,7 +72,6 @@ OPTIMIZER_TYPES = tuple(OPTIMIZERS)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TOKENIZER_TYPES = ("bpe", "char", "hf", "gpt2")
-ACTIVATIONS = ("gelu", "gelu_tanh")
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")
 # Switches whose default depends on the hardware: auto | true | false (YAML booleans accepted).
 AUTO_SWITCHES = ("compile", "chunked_cross_entropy")
@@ -121,7 +120,24 @@ class Config:
         metadata=_help("longest context the model supports (default: seq-length)", "model"),
     )
     intermediate_size: int | None = field(
-        default=None, metadata=_help("MLP width (default: 4 x hidden-size)", "model")
+        default=None,
+        metadata=_help(
+            "MLP width (default: 4 x hidden-size); swiglu, as gpt-neox, builds two halves of "
+            "⌊⅔ x this⌋ / 2 each",
+            "model",
+        ),
+    )
+    mlp_multiple_of: int = field(
+        default=1,
+        metadata=_help("round the MLP width up to a multiple of this, as gpt-neox", "model"),
+    )
+    num_kv_heads: int | None = field(
+        default=None,
+        metadata=_help(
+            "key/value heads, shared by groups of query heads: fewer than num-attention-heads is "
+            "grouped-query attention, 1 multi-query (default: num-attention-heads)",
+            "model",
+        ),
     )
     rotary_pct: float = field(
         default=0.25,
@@ -134,10 +150,32 @@ class Config:
         default=True,
         metadata=_help("parallel attention + MLP residual (Pythia); false = sequential", "model"),
     )
-    layernorm_epsilon: float = field(default=1e-5, metadata=_help("LayerNorm epsilon", "model"))
-    activation: str = field(
-        default="gelu", metadata=_help("MLP activation: gelu (exact) | gelu_tanh (Pythia)", "model")
+    norm: str = field(
+        default="layernorm", metadata=_help("layernorm (GPT-NeoX) | rmsnorm (Llama)", "model")
     )
+    layernorm_epsilon: float = field(default=1e-5, metadata=_help("LayerNorm epsilon", "model"))
+    rms_norm_epsilon: float = field(default=1e-8, metadata=_help("RMSNorm epsilon", "model"))
+    activation: str = field(
+        default="gelu",
+        metadata=_help(
+            "MLP activation: gelu (exact) | gelu_tanh (Pythia) | swiglu (Llama's gated MLP)",
+            "model",
+        ),
+    )
+    no_weight_tying: bool = field(
+        default=True,
+        metadata=_help(
+            "an output head of its own (Pythia); false: the input embedding serves as the head",
+            "model",
+        ),
+    )
+    use_bias_in_norms: bool = field(
+        default=True, metadata=_help("LayerNorm with a bias (RMSNorm has none)", "model")
+    )
+    use_bias_in_attn_linear: bool = field(
+        default=True, metadata=_help("biases in the QKV and attention output layers", "model")
+    )
+    use_bias_in_mlp: bool = field(default=True, metadata=_help("biases in the MLP", "model"))
     hidden_dropout: float = field(
         default=0.0, metadata=_help("dropout on residual branches", "model")
     )
@@ -180,7 +218,7 @@ class Config:
     init_from: str | None = field(
         default=None,
         metadata=_help(
-            "start from a Hugging Face GPTNeoX folder or a neoxlab run/checkpoint: its "
+            "start from a Hugging Face GPTNeoX or Llama folder or a neoxlab run/checkpoint: its "
             "architecture, tokenizer and weights",
             "model",
         ),
@@ -653,6 +691,7 @@ class Config:
             "max_position_embeddings",
             "intermediate_size",
         )
+        self._check_architecture()
         self._check_model_size()
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -672,7 +711,17 @@ class Config:
                 hint="lower seq-length or raise max-position-embeddings",
             )
         _check_choice("pos_emb", self.pos_emb, ("rotary",))
+
+    def _check_architecture(self) -> None:
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        self._check_positive("num_kv_heads", "mlp_multiple_of", "rms_norm_epsilon")
+        if self.num_kv_heads and self.num_attention_heads % self.num_kv_heads:
+            raise NeoxlabError(
+                f"num-kv-heads {self.num_kv_heads} does not divide num-attention-heads "
+                f"{self.num_attention_heads}",
+                hint="each key/value head serves an equal group of query heads",
+            )
         for name in ("init_method", "output_layer_init_method"):
             _check_choice(name, getattr(self, name), tuple(INIT_METHODS))
         self._check_positive("init_method_std")
@@ -814,14 +863,15 @@ class Config:
         # the meta device for --dry-run) would take hours or overflow the allocator.
         if self.num_layers > MAX_LAYERS:
             raise NeoxlabError(f"num-layers {self.num_layers} is above {MAX_LAYERS}")
-        width = self.intermediate_size or 4 * self.hidden_size
-        per_layer = 4 * self.hidden_size**2 + 2 * self.hidden_size * width
+        width = mlp_width(self)
+        matrices = 3 if self.activation == "swiglu" else 2
+        per_layer = 4 * self.hidden_size**2 + matrices * self.hidden_size * width
         vocab = self.vocab_size if self.tokenizer_type == "bpe" else 0
         parameters = self.num_layers * per_layer + 2 * vocab * self.hidden_size
         if parameters > MAX_PARAMETERS:
             raise NeoxlabError(
                 f"hidden-size {self.hidden_size}, num-layers {self.num_layers}, "
-                f"intermediate-size {width} and vocab-size {self.vocab_size} make about "
+                f"MLP width {width} and vocab-size {self.vocab_size} make about "
                 f"{parameters:.1e} parameters, above the {MAX_PARAMETERS:.0e} neoxlab builds",
                 hint="check these keys for a typo",
             )
@@ -1267,7 +1317,7 @@ def _number(value: Any) -> float | None:
 
 
 def _build(merged: dict, origin: str) -> Config:
-    combined = ("train_iters", "hidden_size", "make_vocab_size_divisible_by")
+    combined = ("train_iters", "hidden_size", "make_vocab_size_divisible_by", "seq_length")
     merged = neox_compat.translate_merged(
         merged, origin, {name: FIELDS[name].default for name in combined}
     )
@@ -1367,10 +1417,10 @@ def load_config(
     """Read, merge (left to right, then overrides) and validate config files.
 
     When a file is a gpt-neox config (neox_compat.is_gpt_neox_file), the keys no file or
-    override sets take gpt-neox's defaults instead of neoxlab's, and gpt-neox's required keys
-    must be set. `notice` (default: print to stderr) receives at most two lines: the gpt-neox
-    keys that were ignored, and the gpt-neox defaults that differ from neoxlab's and applied.
-    """
+    override sets take gpt-neox's defaults instead of neoxlab's, gpt-neox's required keys must be
+    set and the MLP must be one gpt-neox can build. `notice` (default: print to stderr) receives
+    at most three lines: SwiGLU MLPs with biases (Llama's have none), the gpt-neox keys ignored,
+    and the gpt-neox defaults that differ from neoxlab's and applied."""
     notice = notice or _print_notice
     merged: dict = {}
     ignored: list[str] = []
@@ -1392,14 +1442,14 @@ def load_config(
         layer = flatten_layer(cli, "command-line overrides", cwd or Path.cwd(), ignored)
         seen |= {canonical_key(k) for k in cli} | set(layer)
         merged = _merge(merged, layer)
-    origin = ", ".join(str(p) for p in paths) or "defaults"
-    if overrides:
-        origin += " + command-line overrides"
+    origin = _origin(paths, overrides)
     defaulted: dict = {}
-    if neox_files:
+    if neox_files:  # gpt-neox's defaults under the layers, and its MLP rounding checked below
         merged, defaulted = _with_gpt_neox_defaults(merged, seen, neox_files)
     config = _build(merged, origin)
     config.validate()
+    if neox_files:
+        _check_gpt_neox_mlp(config, neox_files, notice)
     if ignored:
         notice(
             "warning: ignoring gpt-neox keys that change nothing neoxlab computes (kernels, "
@@ -1416,6 +1466,44 @@ def load_config(
             f"defaults, not neoxlab's: {listed}"
         )
     return config
+
+
+def _origin(paths: typing.Sequence[str | Path], overrides: typing.Sequence[str]) -> str:
+    """Where a merged config came from, as errors name it."""
+    origin = ", ".join(str(p) for p in paths) or "defaults"
+    return origin + " + command-line overrides" if overrides else origin
+
+
+def _check_gpt_neox_mlp(
+    config: Config, neox_files: list[str], notice: typing.Callable[[str], None]
+) -> None:
+    """gpt-neox rounds the MLP's two layers separately (`mlp_widths`); where the roundings
+    disagree it fails on a shape mismatch, and a gpt-neox config must not train here what
+    gpt-neox cannot. SwiGLU MLPs with biases get a note: Llama's have none."""
+    first, second = mlp_widths(config)
+    gated = config.activation == "swiglu"
+    if first == (2 * second if gated else second):
+        if gated and config.use_bias_in_mlp:
+            notice(
+                f"note: {_gpt_neox_files(neox_files)} with SwiGLU MLPs that have biases "
+                "(use-bias-in-mlp is true unless set, in gpt-neox too); Llama's and Mistral's "
+                "have none: add use-bias-in-mlp=false for them (gpt-neox's llama/ configs do, "
+                "its llama2/ and mistral/ ones were written before the key existed)"
+            )
+        return
+    width = config.intermediate_size or 4 * config.hidden_size
+    halves = f" (two halves of {first // 2:,})" if gated else ""
+    raise NeoxlabError(
+        f"{_gpt_neox_files(neox_files)}, and with activation {config.activation}, "
+        f"intermediate-size {width} and mlp-multiple-of {config.mlp_multiple_of} gpt-neox "
+        f"builds an MLP whose first layer gives {first:,} values{halves} and whose second "
+        f"takes {second:,}, which it cannot run",
+        hint=f"if {width} is each half's width, as transformers counts it, write "
+        f"intermediate-size {3 * width} (gpt-neox sizes a SwiGLU MLP at ⅔ of it); or set "
+        "mlp-multiple-of (Llama: 256)"
+        if gated
+        else "choose an intermediate-size that is a multiple of 2 x mlp-multiple-of",
+    )
 
 
 def _with_gpt_neox_defaults(
@@ -1511,12 +1599,19 @@ def model_config(
         num_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads,
         max_position_embeddings=config.context_length,
-        intermediate_size=config.intermediate_size,
+        intermediate_size=mlp_width(config),
+        num_kv_heads=config.num_kv_heads,
         rotary_pct=config.rotary_pct,
         rotary_emb_base=config.rotary_emb_base,
         parallel_residual=config.gpt_j_residual,
+        norm=config.norm,
         layernorm_eps=config.layernorm_epsilon,
+        rms_norm_eps=config.rms_norm_epsilon,
         activation=config.activation,
+        norm_bias=config.use_bias_in_norms,
+        attention_bias=config.use_bias_in_attn_linear,
+        mlp_bias=config.use_bias_in_mlp,
+        tie_word_embeddings=not config.no_weight_tying,
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         checkpoint_activations=config.checkpoint_activations,
@@ -1525,6 +1620,30 @@ def model_config(
         output_layer_init_method=config.output_layer_init_method,
         init_method_std=config.init_method_std,
     )
+
+
+def mlp_widths(config: Config) -> tuple[int, int]:
+    """(output of the MLP's first layer, input of its second) as gpt-neox sizes them.
+
+    gpt-neox (megatron/model/transformer.py, ParallelMLP) starts from intermediate-size (4 x
+    hidden-size by default); a gated MLP (swiglu) takes ⌊⅔⌋ of it for its two halves together;
+    then the first layer is rounded up to a multiple of 2 x mlp-multiple-of and the second's
+    input, half of that for swiglu, to a multiple of mlp-multiple-of. The two roundings can
+    disagree (gpt-neox then fails on a shape mismatch): `mlp_width` builds the second's width.
+    """
+    width = config.intermediate_size or 4 * config.hidden_size
+    inner = width
+    if config.activation == "swiglu":
+        width = int(width * 2 / 3)
+        inner = width // 2
+    multiple = config.mlp_multiple_of
+    return 2 * multiple * -(-width // (2 * multiple)), multiple * -(-inner // multiple)
+
+
+def mlp_width(config: Config) -> int:
+    """The MLP's hidden width (each SwiGLU half's): its second layer's input, as gpt-neox
+    sizes it (`mlp_widths`)."""
+    return mlp_widths(config)[1]
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:

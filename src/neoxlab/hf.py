@@ -1,17 +1,21 @@
-"""Hugging Face interop: export to, and start from, transformers' `GPTNeoXForCausalLM` folders.
+"""Hugging Face interop: export to, and start from, transformers' `GPTNeoXForCausalLM` and
+`LlamaForCausalLM` folders.
 
 model.py computes what GPTNeoXForCausalLM computes, with the parameter names transformers writes
 to disk (`gpt_neox.…`, fused per-head QKV, `embed_out.weight`), so both directions copy tensors
-and translate config.json. Loading never unpickles code: safetensors, or `torch.load` with
+and translate config.json. A Llama-shaped model (RMSNorm, SwiGLU, sequential residual, full
+rotary) goes to and from LlamaForCausalLM through hf_llama.py, which splits and renames the
+fused tensors. Loading never unpickles code: safetensors, or `torch.load` with
 `weights_only=True` for old `pytorch_model.bin` files.
 
 - export: `neoxlab export RUN --out DIR` writes model.safetensors, config.json,
   generation_config.json, tokenizer.json, tokenizer_config.json (with the chat template) and a
-  model card README.md.
-- import: an HF folder (a downloaded Pythia) works wherever a checkpoint does (`generate`, `eval`),
-  and as `init-from` in a training config (architecture, tokenizer and weights). So this module,
-  not checkpoint.py (which knows only neoxlab's own folders), opens any trained model:
-  `load_trained` takes a run, a checkpoint or an HF folder.
+  model card README.md, for the class that computes the model (`export_class`); a model
+  neither class computes (say RMSNorm with a GELU MLP) is refused, naming the key.
+- import: an HF folder (a downloaded Pythia or Llama-architecture model) works wherever a
+  checkpoint does (`generate`, `eval`), and as `init-from` in a training config (architecture,
+  tokenizer and weights). So this module, not checkpoint.py (which knows only neoxlab's own
+  folders), opens any trained model: `load_trained` takes a run, a checkpoint or an HF folder.
 - LoRA runs (adapters.py): their checkpoints hold the adapters alone, with the init-from model's
   path and the sha256 of its weights (`base_fingerprint`); loading one rebuilds the base, checks
   the hash and merges the adapters in. `neoxlab export --adapter` writes them as a PEFT adapter
@@ -55,7 +59,14 @@ from neoxlab.checkpoint import (
 from neoxlab.config import FIELDS, Config, config_from_dict, model_config
 from neoxlab.data.chat import ChatFormat
 from neoxlab.errors import NeoxlabError
-from neoxlab.model import GPTNeoX
+from neoxlab.hf_llama import (
+    from_llama_weights,
+    llama_config,
+    llama_mismatches,
+    read_llama_config,
+    to_llama_weights,
+)
+from neoxlab.model import GPTNeoX, ModelConfig
 from neoxlab.tokenizer import load_tokenizer, save_tokenizer, token_id
 from neoxlab.tracking import display_path, read_metrics
 
@@ -74,14 +85,24 @@ MODEL_FIELDS = (
     "hidden_size",
     "num_layers",
     "num_attention_heads",
+    "num_kv_heads",
     "intermediate_size",
+    "mlp_multiple_of",
     "max_position_embeddings",
     "rotary_pct",
     "rotary_emb_base",
     "gpt_j_residual",
+    "norm",
     "layernorm_epsilon",
+    "rms_norm_epsilon",
     "activation",
+    "no_weight_tying",
+    "use_bias_in_norms",
+    "use_bias_in_attn_linear",
+    "use_bias_in_mlp",
 )
+GPT_NEOX, LLAMA = "GPTNeoXForCausalLM", "LlamaForCausalLM"
+MODEL_TYPES = {"gpt_neox": GPT_NEOX, "llama": LLAMA}  # config.json's model_type -> class
 REQUIRED_HF_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -99,24 +120,25 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def read_hf_config(directory: Path) -> tuple[dict[str, Any], int]:
-    """(neoxlab config fields, embedding rows) from a GPTNeoX config.json.
-
-    Reads both transformers 4 (`rotary_pct`, `rotary_emb_base`) and 5 (`rope_parameters`) files.
-    """
+    """(neoxlab config fields, embedding rows) from a GPTNeoX or Llama config.json."""
     raw = _read_json(directory / "config.json")
-    if raw.get("model_type") != "gpt_neox":
+    if raw.get("model_type") not in MODEL_TYPES:
         raise NeoxlabError(
             f"{directory} holds a {raw.get('model_type', 'unknown')!r} model; neoxlab runs "
-            "GPT-NeoX models (model_type gpt_neox, e.g. Pythia)"
+            "GPT-NeoX models (model_type gpt_neox, e.g. Pythia) and Llama-architecture ones "
+            "(model_type llama)"
         )
     missing = [key for key in REQUIRED_HF_KEYS if key not in raw]
     if missing:
         raise NeoxlabError(f"{directory / 'config.json'} lacks {', '.join(missing)}")
+    if raw["model_type"] == "llama":
+        return read_llama_config(raw, str(directory)), raw["vocab_size"]
+    return _read_gpt_neox_config(raw, directory), raw["vocab_size"]
+
+
+def _read_gpt_neox_config(raw: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Reads both transformers 4 (`rotary_pct`, `rotary_emb_base`) and 5 (`rope_parameters`)."""
     unsupported = []
-    if raw.get("tie_word_embeddings", False):
-        unsupported.append("tie_word_embeddings: true")
-    if not raw.get("attention_bias", True):
-        unsupported.append("attention_bias: false")
     rope = raw.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
         unsupported.append("rope scaling")
@@ -127,7 +149,7 @@ def read_hf_config(directory: Path) -> tuple[dict[str, Any], int]:
         raise NeoxlabError(
             f"{directory} uses {', '.join(unsupported)}, which neoxlab's GPT-NeoX does not have"
         )
-    fields = {
+    return {
         "hidden_size": raw["hidden_size"],
         "num_layers": raw["num_hidden_layers"],
         "num_attention_heads": raw["num_attention_heads"],
@@ -145,12 +167,14 @@ def read_hf_config(directory: Path) -> tuple[dict[str, Any], int]:
         "gpt_j_residual": raw.get("use_parallel_residual", True),
         "layernorm_epsilon": float(raw.get("layer_norm_eps", 1e-5)),
         "activation": activation,
+        "use_bias_in_attn_linear": raw.get("attention_bias", True),
+        "no_weight_tying": not raw.get("tie_word_embeddings", False),
     }
-    return fields, raw["vocab_size"]
 
 
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights of an HF folder (one file or shards), named as model.py names them."""
+def read_hf_weights(directory: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of an HF folder (one file or shards) for `model`, named and laid out as
+    model.py's."""
     files = _weight_files(directory)
     weights: dict[str, torch.Tensor] = {}
     for file in files:
@@ -158,8 +182,12 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             weights.update(read_safetensors(file, "weights"))
         else:
             weights.update(_load_bin(file))
+    if _read_json(directory / "config.json").get("model_type") == "llama":
+        return from_llama_weights(weights, model)
     if "lm_head.weight" in weights:  # the in-memory name of transformers 5
         weights["embed_out.weight"] = weights.pop("lm_head.weight")
+    if model.tie_word_embeddings:  # the head is the embedding: a copy of it is not a weight
+        weights.pop("embed_out.weight", None)
     return {name: t for name, t in weights.items() if not name.endswith(BUFFER_SUFFIXES)}
 
 
@@ -238,8 +266,9 @@ class ModelSource:
     def is_hf(self) -> bool:
         return is_hf_directory(self.path)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return read_hf_weights(self.path) if self.is_hf else load_weights(self.path)
+    def weights(self, model: ModelConfig) -> dict[str, torch.Tensor]:
+        """The weights, for `model` (built from `fields`), in model.py's names and layout."""
+        return read_hf_weights(self.path, model) if self.is_hf else load_weights(self.path)
 
 
 def model_source(path: Path) -> ModelSource:
@@ -288,7 +317,7 @@ def load_hf_model(directory: Path, device: torch.device) -> TrainedModel:
         }
     )
     model = GPTNeoX(model_config(config, source.vocab_rows))
-    load_model_state(model, source.weights(), directory)
+    load_model_state(model, source.weights(model.config), directory)
     model.to(device).eval()
     return TrainedModel(model, tokenizer, config, directory, {"step": None})
 
@@ -363,7 +392,7 @@ def _existing_init_from(path: Path) -> Path:
     raise NeoxlabError(
         f"init-from {shown} does not exist",
         hint=f"download it once with: hf download {repo} --local-dir {shown}; or set init-from "
-        "to a Hugging Face GPTNeoX folder or a neoxlab run",
+        "to a Hugging Face GPTNeoX or Llama folder or a neoxlab run",
     )
 
 
@@ -381,7 +410,7 @@ def init_model(
     model = GPTNeoX(model_config(config, source.vocab_rows, train_device_type))
     if device.type == "meta":
         return model.to(device)  # shapes only: a sharded run receives the weights from rank 0
-    load_model_state(model, source.weights(), source.path)
+    load_model_state(model, source.weights(model.config), source.path)
     return model.to(device)
 
 
@@ -448,12 +477,14 @@ def load_lora_checkpoint(checkpoint: Path) -> tuple[TrainedModel, Any]:
 
 
 def export_hf(path: Path, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Write run / checkpoint `path` as a transformers GPTNeoXForCausalLM folder `out` (a LoRA
-    run's adapters merged into its base model's weights)."""
+    """Write run / checkpoint `path` as a transformers folder `out`, for GPTNeoXForCausalLM or
+    LlamaForCausalLM (`export_class`; a LoRA run's adapters merged into its base model's
+    weights)."""
     _check_new_folder(out)
     trained = load_trained(path, torch.device("cpu"))
-    out = _write_new_folder(out, lambda tmp: _fill_hf_folder(tmp, trained, path))
-    log(f"exported {trained.checkpoint} -> {out}")
+    hf_class = export_class(trained.model.config)
+    out = _write_new_folder(out, lambda tmp: _fill_hf_folder(tmp, trained, path, hf_class))
+    log(f"exported {trained.checkpoint} -> {out} ({hf_class})")
     return out
 
 
@@ -468,6 +499,13 @@ def export_adapter(path: Path, out: Path, log: Callable[[str], None] = print) ->
             hint=f"export the whole model: neoxlab export {path} --out {out}",
         )
     trained, lora = load_lora_checkpoint(checkpoint)
+    if export_class(trained.model.config) != GPT_NEOX:
+        # PEFT names the layers it adapts: model.py's fused ones exist in GPTNeoX only
+        raise NeoxlabError(
+            f"the adapters of {checkpoint} adapt fused layers (query_key_value, dense_h_to_4h) "
+            "that LlamaForCausalLM does not have",
+            hint=f"export the merged model: neoxlab export {path} --out {out}",
+        )
     base = trained.state["base_model"]
 
     def fill(tmp: Path) -> None:
@@ -504,27 +542,35 @@ def _write_new_folder(out: Path, fill: Callable[[Path], None]) -> Path:
     return out
 
 
-def _fill_hf_folder(tmp: Path, trained: TrainedModel, path: Path) -> None:
+def _fill_hf_folder(tmp: Path, trained: TrainedModel, path: Path, hf_class: str) -> None:
     weights_file = tmp / "model.safetensors"
     # transformers refuses safetensors files without format metadata
     save_file(export_weights(trained), str(weights_file), metadata={"format": "pt"})
     give_default_permissions(weights_file)
-    _write_config_and_tokenizer(trained, tmp)
-    (tmp / "README.md").write_text(_model_card(trained, path), encoding="utf-8")
+    _write_config_and_tokenizer(trained, tmp, hf_class)
+    (tmp / "README.md").write_text(_model_card(trained, path, hf_class), encoding="utf-8")
 
 
-def export_weights(trained: TrainedModel) -> dict[str, torch.Tensor]:
-    """The weights an export holds, by the names it writes (the model's own tensors)."""
-    return {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+def export_weights(
+    trained: TrainedModel, weights: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights an export holds, by the names and layout of the class that computes the
+    model (`export_class`): `weights` in neoxlab's names (a sharded run's gathered copy, a LoRA
+    run's merged weights) or the model's own tensors."""
+    if weights is None:
+        weights = {n: t.detach().contiguous() for n, t in trained.model.state_dict().items()}
+    if export_class(trained.model.config) == LLAMA:
+        weights = to_llama_weights(weights, trained.model.config)
+    return weights
 
 
-def _write_config_and_tokenizer(trained: TrainedModel, folder: Path) -> None:
+def _write_config_and_tokenizer(trained: TrainedModel, folder: Path, hf_class: str) -> None:
     """What an export holds besides its weights and model card: config.json,
     generation_config.json, tokenizer.json and tokenizer_config.json (with the chat template)."""
     config = trained.config
     eod_id = token_id(trained.tokenizer, config.eod_token)
     pad_id = token_id(trained.tokenizer, config.pad_token)
-    _write_json(folder / "config.json", _hf_config(trained, eod_id, pad_id))
+    _write_json(folder / "config.json", _hf_config(trained, hf_class, eod_id, pad_id))
     _write_json(
         folder / "generation_config.json",
         {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": pad_id},
@@ -548,18 +594,19 @@ def transformers_model(
     """(model, tokenizer) as transformers loads `neoxlab export`'s folder of `trained`
     (AutoConfig, AutoTokenizer, the class config.json names), built in memory: the export's
     config and tokenizer files pass through a temporary folder, the weights do not. They are
-    `weights` (a sharded run's gathered copy) or the model's own tensors, shared, not copied.
+    `weights` (a sharded run's gathered copy) or the model's own tensors, shared, not copied
+    (a Llama-shaped model's fused projections are split into Llama's).
 
     Going through the export's files and transformers' own loading is what makes a tool that
     takes a transformers model (lm-eval's HFLM) score exactly what it scores on the export."""
     import transformers
 
     with tempfile.TemporaryDirectory(prefix="neoxlab-hf-") as folder:
-        _write_config_and_tokenizer(trained, Path(folder))
+        _write_config_and_tokenizer(trained, Path(folder), export_class(trained.model.config))
         config = transformers.AutoConfig.from_pretrained(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model_class = getattr(transformers, config.architectures[0])
-    weights = export_weights(trained) if weights is None else weights
+    weights = export_weights(trained, weights)
     model, loading = model_class.from_pretrained(
         None, config=config, state_dict=weights, output_loading_info=True
     )
@@ -574,11 +621,64 @@ def transformers_model(
     return model.eval(), tokenizer
 
 
-def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any]:
-    """config.json readable by transformers 5 (rope_parameters) and 4 (rotary_pct, ...)."""
+def export_class(model: ModelConfig) -> str:
+    """The transformers class that computes `model`: GPTNeoXForCausalLM or LlamaForCausalLM.
+
+    A mixture of the two (RMSNorm with a GELU MLP, grouped key/value heads with LayerNorm, ...)
+    is neither, and an error naming the key that keeps it from the closer of the two."""
+    candidates = {GPT_NEOX: _gpt_neox_mismatches(model), LLAMA: llama_mismatches(model)}
+    for hf_class, mismatches in candidates.items():
+        if not mismatches:
+            return hf_class
+    closer = min(candidates, key=lambda name: len(candidates[name]))
+    key, value, wanted = candidates[closer][0]
+    raise NeoxlabError(
+        f"neither {GPT_NEOX} nor {LLAMA} computes this model: the closer, {closer}, needs "
+        f"{key} {_yaml(wanted)}, this model has {key} {_yaml(value)}",
+        hint="export supports the two architectures as transformers has them; the checkpoint "
+        "itself works with neoxlab generate and eval",
+    )
+
+
+def _gpt_neox_mismatches(model: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """(config key, this model's value, what GPTNeoXForCausalLM needs) for what it lacks."""
+    mismatches = []
+    if model.norm != "layernorm":
+        mismatches.append(("norm", model.norm, "layernorm"))
+    if model.activation not in EXPORT_ACTIVATIONS:
+        mismatches.append(("activation", model.activation, " or ".join(EXPORT_ACTIVATIONS)))
+    if model.num_kv_heads != model.num_attention_heads:
+        heads = model.num_attention_heads
+        mismatches.append(("num-kv-heads", model.num_kv_heads, heads))
+    if not model.norm_bias:
+        mismatches.append(("use-bias-in-norms", False, True))
+    if not model.mlp_bias:
+        mismatches.append(("use-bias-in-mlp", False, True))
+    return mismatches
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _hf_config(trained: TrainedModel, hf_class: str, eod_id: int, pad_id: int) -> dict[str, Any]:
+    """config.json for `hf_class`, readable by transformers 5 (rope_parameters) and 4."""
     model = trained.model.config
+    architecture = llama_config(model) if hf_class == LLAMA else _gpt_neox_config(model)
     return {
-        "architectures": ["GPTNeoXForCausalLM"],
+        **architecture,
+        "initializer_range": 0.02,
+        "bos_token_id": eod_id,
+        "eos_token_id": eod_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def _gpt_neox_config(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": [GPT_NEOX],
         "model_type": "gpt_neox",
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
@@ -596,16 +696,10 @@ def _hf_config(trained: TrainedModel, eod_id: int, pad_id: int) -> dict[str, Any
             "rope_theta": model.rotary_emb_base,
             "partial_rotary_factor": model.rotary_pct,
         },
-        "attention_bias": True,
-        "tie_word_embeddings": False,
+        "attention_bias": model.attention_bias,
+        "tie_word_embeddings": model.tie_word_embeddings,
         "hidden_dropout": model.hidden_dropout,
         "attention_dropout": model.attention_dropout,
-        "initializer_range": 0.02,
-        "bos_token_id": eod_id,
-        "eos_token_id": eod_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": "float32",
-        "use_cache": True,
     }
 
 
@@ -615,13 +709,12 @@ MODEL_CARD_HEAD = """\
 ---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [gpt_neox, neoxlab]
+tags: [{model_type}, neoxlab]
 ---
 
 # {name}
 
-A GPT-NeoX model trained with neoxlab {version} and exported to transformers' \
-`GPTNeoXForCausalLM`.
+A model trained with neoxlab {version} and exported to transformers' `{hf_class}`.
 
 ## Training
 """
@@ -662,11 +755,15 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 """
 
 
-def _model_card(trained: TrainedModel, source: Path) -> str:
+def _model_card(trained: TrainedModel, source: Path, hf_class: str) -> str:
     """README.md of an export: what was trained, on what, how well, and how to load it."""
     config = trained.config
+    model_type = next(key for key, name in MODEL_TYPES.items() if name == hf_class)
+    head = MODEL_CARD_HEAD.format(
+        name=source.name, version=__version__, hf_class=hf_class, model_type=model_type
+    )
     parts = [
-        MODEL_CARD_HEAD.format(name=source.name, version=__version__),
+        head,
         *_training_facts(trained),
         *_final_metrics_table(trained),
         *_benchmark_table(trained),
@@ -680,7 +777,8 @@ def _training_facts(trained: TrainedModel) -> list[str]:
     config, state = trained.config, trained.state
     facts = [
         f"- architecture: {config.num_layers} layers, hidden size {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, context {config.context_length}, "
+        f"{config.num_attention_heads} heads ({trained.model.config.num_kv_heads} key/value), "
+        f"{config.norm}, {config.activation} MLP, context {config.context_length}, "
         f"{trained.model.num_parameters():,} parameters",
     ]
     if config.init_from:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from neoxlab.adapters import NF4_BYTES_PER_WEIGHT, LoraSpec, adapter_shapes, target_layers
-from neoxlab.config import Config, model_config, padded_vocab_size
+from neoxlab.config import Config, mlp_width, model_config, padded_vocab_size
 from neoxlab.model import GPTNeoX
 from neoxlab.optim import block_matrices
 from neoxlab.tokenizer import STANDARD_TOKENIZERS, gpt2_tokenizer, load_tokenizer
@@ -100,8 +100,8 @@ class TrainingPlan:
         checkpointing = "on" if self.checkpoint_activations else "off"
         where = "memory" if device_type == "cpu" else "GPU memory"
         lines = [
-            f"parameters: {self.parameters:,} ({self.non_embedding_parameters:,} without the "
-            f"input embedding; vocab {self.vocab_size:,} padded, {self.vocab_source})",
+            f"parameters: {self.parameters:,} ({self._embedding_note()}; vocab "
+            f"{self.vocab_size:,} padded, {self.vocab_source})",
             f"precision: {self.precision}; activation checkpointing {checkpointing}",
             f"training: {self.method}",
             f"{where} (estimate): {_gib(self.device_bytes)}",
@@ -121,6 +121,11 @@ class TrainingPlan:
             f"{self.micro_batch} x {self.seq_length})",
             f"optimizer steps: {self.train_iters:,}; tokens in total: {self.total_tokens:,}",
         ]
+
+    def _embedding_note(self) -> str:
+        if self.parameters == self.non_embedding_parameters:
+            return "the input embedding is also the output layer"
+        return f"{self.non_embedding_parameters:,} without the input embedding"
 
     def _parts(self) -> list[str]:
         state = (
@@ -224,6 +229,8 @@ def _trained_bytes(
         matmul = sum(
             p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
         )
+        if model.embed_out is None:  # tied: the head's matmul takes a 16-bit copy of the embedding
+            matmul += model.output_weight.numel()
         return {
             "method": "full (every weight)",
             "frozen_bytes": 0,
@@ -342,34 +349,44 @@ def activation_bytes(
 ) -> int:
     """Bytes autograd keeps from one micro-batch's forward pass for the backward pass.
 
-    Per token, with h = hidden-size, f = intermediate-size, V = padded vocab, a = `size` (bytes of
-    an activation: 2 under fp16/bf16 autocast, 4 in fp32) and r = 4 (the residual stream is fp32):
-      every block    r*h     its input (the first LayerNorm's input)
-                   + a*2h    the two LayerNorm outputs, as inputs of QKV and of the MLP
+    Per token, with h = hidden-size, f = the MLP's width (`mlp_width`), V = padded vocab, a =
+    `size` (bytes of an activation: 2 under fp16/bf16 autocast, 4 in fp32) and r = 4 (the
+    residual stream is fp32):
+      every block    r*h     its input (the first norm's input)
+                   + a*2h    the two norm outputs, as inputs of QKV and of the MLP
+                   + a*2h    rmsnorm only: each norm's normalised input, before its scale
                    + a*7h    attention: QKV output 3h, rotated q and k 2h, SDPA output h and its
-                             reshaped copy h (the fused SDPA kernels keep no seq x seq matrix)
+                             reshaped copy h (the fused SDPA kernels keep no seq x seq matrix);
+                             with fewer key/value heads 5h: rotated q h, keys and values
+                             repeated to every head 2h, SDPA output and its copy 2h
                    + a*2f    MLP: the up-projection output and the GELU output
-                   + r*h     sequential residual only: the second LayerNorm's input x + attn
+                             (swiglu: a*4f, up and gate 2f, silu(gate) f, their product f)
+                   + r*h     sequential residual only: the second norm's input x + attn
                    + 2h      dropout masks, 1 byte each, when hidden-dropout > 0
-      once           r*h + a*h + h (dropout)   final LayerNorm input and output, embedding dropout
+      once           r*h + a*h + h (dropout)   final norm input and output, embedding dropout
+                   (+ a*h with rmsnorm)
                    + (a + 4)*V                 the logits and their fp32 log-softmax
                    (chunked-cross-entropy, on by default on a CPU: instead 4*h, the loss's
-                   gradient for the final LayerNorm output, plus 4*V*h once per micro-batch
+                   gradient for the final norm output, plus 4*V*h once per micro-batch
                    for the head's)
     With checkpoint-activations every block keeps only its input (r*h); the backward pass
     rebuilds one block's activations at a time, so one full block is added back.
     tests/test_algorithms.py checks this against what autograd saves.
     """
     h = config.hidden_size
-    f = config.intermediate_size or 4 * h
+    f = mlp_width(config)
     r = RESIDUAL_BYTES
     dropout = config.hidden_dropout > 0
-    block = r * h + size * (9 * h + 2 * f)
+    norm_extra = h if config.norm == "rmsnorm" else 0  # per norm
+    grouped = config.num_kv_heads not in (None, config.num_attention_heads)
+    attention = 5 * h if grouped else 7 * h
+    mlp = 4 * f if config.activation == "swiglu" else 2 * f
+    block = r * h + size * (2 * h + 2 * norm_extra + attention + mlp)
     if not config.gpt_j_residual:
         block += r * h
     if dropout:
         block += 2 * h
-    once = r * h + size * h + (h if dropout else 0)
+    once = r * h + size * (h + norm_extra) + (h if dropout else 0)
     head = 0  # bytes per micro-batch, whatever its size
     chunked = {"true": True, "false": False}.get(config.chunked_cross_entropy, device_type == "cpu")
     if chunked:

@@ -1,13 +1,21 @@
 """The GPT-NeoX network and KV-cache generation.
 
-Numerically the same function as Hugging Face's `GPTNeoXForCausalLM`, with the same parameter
-names, so exporting is a plain state_dict copy. The pieces:
+With the default `ModelConfig` (Pythia's architecture) numerically the same function as Hugging
+Face's `GPTNeoXForCausalLM`, with the same parameter names, so exporting is a plain state_dict
+copy. The pieces:
 
 - LayerNorm with bias before attention and before the MLP, and once more before the output head.
 - Fused QKV projection whose output rows are grouped per head as [head][q, k, v][head_dim].
 - Rotary position embedding on the first `rotary_pct` of each head's dims (NeoX rotate-half).
 - Parallel residual (x + attn(ln1(x)) + mlp(ln2(x))) by default, sequential optionally.
-- An untied output head without bias.
+- A GELU MLP, and an untied output head without bias.
+
+The architecture experiments gpt-neox offers swap single pieces, each a small class or function
+below: RMSNorm for LayerNorm (`make_norm`), the gated SwiGLU MLP for the GELU one (`SwiGLU`),
+fewer key/value heads than query heads (grouped-query and multi-query attention, `Attention`),
+an output head that reuses the input embedding (`tie_word_embeddings`), and no biases in the
+attention, MLP or norms. RMSNorm + SwiGLU + sequential residual + full rotary is Llama's block,
+which hf.py exports as `LlamaForCausalLM`.
 
 For large vocabularies the output head and the loss can run in row chunks
 (`chunked_cross_entropy`), so training never holds the (tokens, vocab) logits at once.
@@ -25,7 +33,9 @@ from torch.utils.checkpoint import checkpoint
 
 from neoxlab.errors import NeoxlabError
 
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
+GELU_APPROXIMATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
+ACTIVATIONS = (*GELU_APPROXIMATIONS, "swiglu")
+NORMS = ("layernorm", "rmsnorm")
 POSITIVE_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -51,12 +61,20 @@ class ModelConfig:
     num_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 256
-    intermediate_size: int | None = None  # None -> 4 * hidden_size
+    # the MLP's hidden width (each of SwiGLU's two halves); None -> 4 * hidden_size
+    intermediate_size: int | None = None
+    num_kv_heads: int | None = None  # key/value heads; None -> num_attention_heads (no grouping)
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embedding
     rotary_emb_base: float = 10000.0
     parallel_residual: bool = True  # gpt-neox `gpt_j_residual`
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     layernorm_eps: float = 1e-5
-    activation: str = "gelu"  # "gelu" (exact) | "gelu_tanh" (HF "gelu_pytorch_tanh")
+    rms_norm_eps: float = 1e-8  # gpt-neox's default
+    activation: str = "gelu"  # "gelu" (exact) | "gelu_tanh" (HF "gelu_pytorch_tanh") | "swiglu"
+    norm_bias: bool = True  # LayerNorm's bias (gpt-neox `use_bias_in_norms`); RMSNorm has none
+    attention_bias: bool = True  # QKV and output projection (`use_bias_in_attn_linear`)
+    mlp_bias: bool = True  # gpt-neox `use_bias_in_mlp`
+    tie_word_embeddings: bool = False  # output head = input embedding (not `no_weight_tying`)
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
@@ -70,7 +88,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        for key in POSITIVE_FIELDS:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_attention_heads
+        for key in (*POSITIVE_FIELDS, "num_kv_heads"):
             if getattr(self, key) <= 0:
                 raise NeoxlabError(
                     f"{key.replace('_', '-')} must be positive, got {getattr(self, key)}"
@@ -79,6 +99,12 @@ class ModelConfig:
             raise NeoxlabError(
                 f"hidden-size {self.hidden_size} is not divisible by "
                 f"num-attention-heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_kv_heads:
+            raise NeoxlabError(
+                f"num-kv-heads {self.num_kv_heads} does not divide "
+                f"num-attention-heads {self.num_attention_heads}",
+                hint="each key/value head serves an equal group of query heads",
             )
         if not 0 < self.rotary_pct <= 1:
             raise NeoxlabError(f"rotary-pct must be in (0, 1], got {self.rotary_pct}")
@@ -94,10 +120,11 @@ class ModelConfig:
                     f"unknown {key.replace('_', '-')} {getattr(self, key)!r}; choose one of "
                     f"{', '.join(INIT_METHODS)}"
                 )
-        if self.activation not in ACTIVATIONS:
-            raise NeoxlabError(
-                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-            )
+        for key, choices in (("activation", ACTIVATIONS), ("norm", NORMS)):
+            if getattr(self, key) not in choices:
+                raise NeoxlabError(
+                    f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(choices)}"
+                )
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise NeoxlabError(
@@ -111,6 +138,12 @@ class ModelConfig:
     @property
     def rotary_ndims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def heads_per_kv_head(self) -> int:
+        """Query heads that share one key/value head (1: plain multi-head attention)."""
+        assert self.num_kv_heads is not None  # set by __post_init__
+        return self.num_attention_heads // self.num_kv_heads
 
 
 # gpt-neox's init methods: name -> the standard deviation of the normal its weights are drawn from
@@ -176,13 +209,24 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary positions.
+
+    With fewer key/value heads than query heads (`num_kv_heads`), each key/value head serves a
+    group of consecutive query heads: grouped-query attention, or multi-query with one. The KV
+    cache then holds only the shared heads, which is what the grouping saves.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        assert config.num_kv_heads is not None  # set by ModelConfig.__post_init__
+        self.num_kv_heads = config.num_kv_heads
+        self.group = config.heads_per_kv_head
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        qkv_size = (config.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+        bias = config.attention_bias
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
 
     def forward(
         self,
@@ -193,9 +237,14 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
     ) -> Tensor:
         batch, seq, hidden = x.shape
-        # GPT-NeoX interleaves per head ([head][q, k, v][head_dim]), not [q | k | v] as nanoGPT
-        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
+        # GPT-NeoX interleaves per head ([head][q, k, v][head_dim]), not [q | k | v] as nanoGPT;
+        # with grouping, per key/value head: [kv head][its group's q heads, k, v][head_dim]
+        qkv = self.query_key_value(x).view(batch, seq, self.num_kv_heads, -1)
+        q, k, v = qkv.transpose(1, 2).split(
+            [self.group * self.head_dim, self.head_dim, self.head_dim], dim=-1
+        )
+        # (B, kv heads, T, group x head_dim) -> (B, heads, T, head_dim); a view without grouping
+        q = q.unflatten(-1, (self.group, self.head_dim)).transpose(2, 3).flatten(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         is_causal = mask is None  # a mask (packed examples) is already causal
         if cache is not None:
@@ -204,6 +253,10 @@ class Attention(nn.Module):
             # aligned and would hide all keys but the first).
             is_causal = cache.length == 0
             k, v = cache.append(k, v)
+        if self.group > 1:
+            # repeated here rather than SDPA's enable_gqa, which only some kernels support
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -216,24 +269,53 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-NeoX's MLP: up to intermediate_size, GELU, back down."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         assert config.intermediate_size is not None  # set by ModelConfig.__post_init__
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.approximate = ACTIVATIONS[config.activation]
+        bias = config.mlp_bias
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.approximate = GELU_APPROXIMATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
 
 
+class SwiGLU(nn.Module):
+    """Llama's gated MLP (gpt-neox `activation: swiglu`): down(up(x) * silu(gate(x))).
+
+    One up-projection computes both halves, [up | gate] as gpt-neox's linear1 orders them (one
+    matmul, not two); each half is intermediate_size wide.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.intermediate_size is not None  # set by ModelConfig.__post_init__
+        width, bias = config.intermediate_size, config.mlp_bias
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * width, bias=bias)
+        self.dense_4h_to_h = nn.Linear(width, config.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(up * F.silu(gate))
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """LayerNorm (GPT-NeoX) or RMSNorm (Llama: no centring, no bias; a scale per channel)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps, bias=config.norm_bias)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
         self.attention = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = SwiGLU(config) if config.activation == "swiglu" else MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.parallel_residual = config.parallel_residual
 
@@ -262,16 +344,35 @@ class GPTNeoX(nn.Module):
             {
                 "embed_in": nn.Embedding(config.vocab_size, config.hidden_size),
                 "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
-                "final_layer_norm": nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps),
+                "final_layer_norm": make_norm(config),
             }
         )
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # tied: no head of its own, the logits read the input embedding (one parameter, so
+        # checkpoints, optimizers and FSDP see it once)
+        self.embed_out = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.init_weights()
 
+    @property
+    def output_weight(self) -> Tensor:
+        """The output head's (vocab, hidden) weight: the input embedding's when tied."""
+        head = self.gpt_neox.embed_in if self.embed_out is None else self.embed_out
+        return head.weight
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """Next-token scores. An own output layer is called as a module, so that forward hooks
+        and adapters on embed_out (LoRA, say) see it; a tied one is the embedding's matrix."""
+        if self.embed_out is None:
+            return F.linear(hidden, self.gpt_neox.embed_in.weight)
+        return self.embed_out(hidden)
+
     def init_weights(self) -> None:
         """GPT-NeoX's init (Pythia's: "small_init", but "wang_init" for the layers that feed the
-        residual stream); biases zero, LayerNorms one and zero."""
+        residual stream); biases zero, norms the identity."""
         config = self.config
         std = init_std(config.init_method, config)
         output_std = init_std(config.output_layer_init_method, config)
@@ -285,9 +386,8 @@ class GPTNeoX(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()  # scale 1, bias 0: the identity
 
     def forward(
         self,
@@ -308,10 +408,10 @@ class GPTNeoX(nn.Module):
         hidden = self._hidden(input_ids, position_ids, segment_ids=segment_ids)
         if targets is not None and self.config.chunked_cross_entropy and torch.is_grad_enabled():
             loss = LinearCrossEntropy.apply(
-                hidden.flatten(0, 1), self.embed_out.weight, targets.reshape(-1)
+                hidden.flatten(0, 1), self.output_weight, targets.reshape(-1)
             )
             return None, loss
-        logits = self.embed_out(hidden)
+        logits = self._head(hidden)
         if targets is None:
             return logits, None
         # in fp32: a bf16/fp16 softmax over ~50k classes loses too much precision
@@ -326,7 +426,7 @@ class GPTNeoX(nn.Module):
         position_ids: Tensor | None,
         caches: list[KVCache] | None = None,
     ) -> Tensor:
-        return self.embed_out(self._hidden(input_ids, position_ids, caches))
+        return self._head(self._hidden(input_ids, position_ids, caches))
 
     def _hidden(
         self,
@@ -335,7 +435,7 @@ class GPTNeoX(nn.Module):
         caches: list[KVCache] | None = None,
         segment_ids: Tensor | None = None,
     ) -> Tensor:
-        """The final LayerNorm's output (B, T, hidden): what the output head reads."""
+        """The final norm's output (B, T, hidden): what the output head reads."""
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
@@ -356,15 +456,17 @@ class GPTNeoX(nn.Module):
         return self.gpt_neox.final_layer_norm(x)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count; exclude_embeddings drops the input embedding (not the output head)."""
+        """Parameter count; exclude_embeddings drops the input embedding's lookup table but not
+        the output head (when the two are tied, the shared matrix counts as the head)."""
         total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.embed_out is not None:
             total -= self.gpt_neox.embed_in.weight.numel()
         return total
 
     def flops_per_token(self, seq_length: int) -> int:
         """Training FLOPs (forward + backward) per token, as in PaLM's MFU: 6 per weight of every
-        matmul, plus attention's scores and weighted sum over seq_length keys."""
+        matmul (the head's included), plus attention's scores and weighted sum over seq_length
+        keys (per query head, so grouped key/value heads do not change it)."""
         config = self.config
         matmul_flops = 6 * self.num_parameters(exclude_embeddings=True)
         return matmul_flops + 12 * config.num_layers * config.hidden_size * seq_length

@@ -11,9 +11,9 @@ them all with the reasons):
 - translated here: per file by `translate` (TRANSLATED_KEYS), after all files are merged by
   `translate_merged` (MERGED_KEYS: finetune, lr-decay-fraction, ...);
 - UNSUPPORTED: features neoxlab does not have, accepted only at the value that means what
-  neoxlab does. The architecture entries (norm, tied embeddings, grouped-query attention, biases)
-  are the ones the architecture work turns into real keys: moving a key from here to config.py's
-  schema (and its dependent keys out of IGNORED_KEYS) is all it takes here.
+  neoxlab does. The architecture keys neoxlab has (norm, rms-norm-epsilon, activation swiglu,
+  mlp-multiple-of, num-kv-heads, no-weight-tying, the use-bias-in-* keys) are schema keys;
+  sliding-window attention is accepted only where its window covers the whole context.
 
 A file that names a key only gpt-neox uses is a gpt-neox config (`is_gpt_neox_file`): the keys
 it leaves out take gpt-neox's defaults (GPT_NEOX_DEFAULTS), not neoxlab's, and the keys gpt-neox
@@ -102,6 +102,7 @@ IGNORED_KEYS: dict[str, str] = {
         "rope_fusion",
         "layernorm_fusion",
         "rmsnorm_fusion",
+        "use_flashattn_swiglu",
         "attention_softmax_in_fp32",
         "apply_query_key_layer_scaling",
         "use_cpu_initialization",
@@ -205,9 +206,7 @@ IGNORED_KEYS: dict[str, str] = {
     ),
     **_because(
         "only read by a feature UNSUPPORTED refuses (the key that turns it on fails first)",
-        "rms_norm_epsilon",  # norm: rmsnorm
         "scalenorm_epsilon",  # norm: scalenorm
-        "use_flashattn_swiglu",  # activation: swiglu
         "gmlp_attn_dim",  # attention-config gmlp
         "rpe_num_buckets",  # pos-emb: rpe
         "rpe_max_distance",
@@ -272,28 +271,11 @@ class Unsupported:
     other_values: str  # what the other values would train, which neoxlab cannot
 
 
-_ARCHITECTURE = "the architecture keys are not implemented yet"
-
-# The architecture entries first: these are the keys the architecture work turns into real keys.
+# The architecture entries first (the rest of the architecture is schema keys, see config.py).
 UNSUPPORTED: dict[str, Unsupported] = {
-    "pos_emb": Unsupported(
-        ("rotary",), f"another position embedding than rotary ({_ARCHITECTURE})"
-    ),
-    "norm": Unsupported(("layernorm",), f"another normalisation than LayerNorm ({_ARCHITECTURE})"),
-    "no_weight_tying": Unsupported((True,), f"tied input and output embeddings ({_ARCHITECTURE})"),
-    "gpt_j_tied": Unsupported(
-        (False,), f"one LayerNorm shared by attention and MLP ({_ARCHITECTURE})"
-    ),
-    "use_bias_in_norms": Unsupported((True,), f"norms without bias ({_ARCHITECTURE})"),
-    "use_bias_in_attn_linear": Unsupported(
-        (True,), f"attention projections without bias ({_ARCHITECTURE})"
-    ),
-    "use_bias_in_mlp": Unsupported((True,), f"MLP layers without bias ({_ARCHITECTURE})"),
-    "use_qk_layernorm": Unsupported((False,), f"LayerNorm on queries and keys ({_ARCHITECTURE})"),
-    "mlp_multiple_of": Unsupported(
-        (1,), f"an MLP width rounded to that multiple ({_ARCHITECTURE})"
-    ),
-    "sliding_window_width": Unsupported((None,), "sliding-window attention"),
+    "pos_emb": Unsupported(("rotary",), "another position embedding than rotary"),
+    "gpt_j_tied": Unsupported((False,), "one LayerNorm shared by attention and MLP"),
+    "use_qk_layernorm": Unsupported((False,), "LayerNorm on queries and keys"),
     "num_unique_layers": Unsupported((None,), "layers that share parameters"),
     "moe_num_experts": Unsupported((1,), "a mixture of experts"),
     "soft_prompt_tuning": Unsupported((None,), "soft prompt tuning"),
@@ -338,7 +320,7 @@ MERGED_KEYS = frozenset(
         "finetune",
         "lr_decay_fraction",
         "expansion_factor",
-        "num_kv_heads",
+        "sliding_window_width",
         "use_bnb_optimizer",
     }
 )
@@ -504,16 +486,28 @@ def translate_merged(
             )
         hidden = _number(value("hidden_size"), "hidden-size", origin)
         merged["intermediate_size"] = int(_number(expansion, "expansion-factor", origin) * hidden)
-    heads = merged.pop("num_kv_heads", None)
-    if heads is not None and heads != merged.get("num_attention_heads"):
-        # as many key/value heads as query heads is ordinary multi-head attention
-        raise NeoxlabError(
-            f"num-kv-heads {heads} in {origin} asks for grouped-query attention ({_ARCHITECTURE}), "
-            "which neoxlab does not support",
-            hint="neoxlab trains num-kv-heads equal to num-attention-heads (or absent)",
-        )
+    window = merged.pop("sliding_window_width", None)
+    if window is not None:
+        context = merged.get("max_position_embeddings") or value("seq_length")
+        _check_window(window, _number(context, "max-position-embeddings", origin), origin)
     _bf16_in_fp16_block(merged)
     return merged
+
+
+def _check_window(window: Any, context: float, origin: str) -> None:
+    """Sliding-window attention (Mistral: each token sees the last `window` tokens) is full
+    causal attention wherever the window covers the context, and only there neoxlab has it: a
+    window needs an explicit mask, which takes SDPA's flash and memory-efficient kernels away,
+    while the contexts trained on one GPU (up to 4,096 tokens) fit inside Mistral's window."""
+    width = _number(window, "sliding-window-width", origin)
+    if width < context:
+        raise NeoxlabError(
+            f"sliding-window-width {window} in {origin} is shorter than the context "
+            f"({context:,.0f} tokens, max-position-embeddings or seq-length): that asks for "
+            "sliding-window attention, which neoxlab does not support",
+            hint=f"set seq-length and max-position-embeddings to at most {window}: there the "
+            "window covers every token and the attention is the same",
+        )
 
 
 def _finetune(merged: dict[str, Any], origin: str) -> None:
