@@ -494,13 +494,19 @@ def check_exact_resume(context: Context) -> str:
     run_overrides = ["precision=fp32", "compile=false", "hidden-dropout=0.1", "save=checkpoints"]
     run_overrides += ["save-interval=3"]
     whole = run(trainer_for(context, *run_overrides, "run-name=whole"))
-    part = run(trainer_for(context, *run_overrides, "run-name=part", "exit-interval=3"))
-    resumed = run(trainer_for(context, *run_overrides, "run-name=part", resume=part.run_dir))
+    exact = resumed_at_step_3(context, run_overrides, whole)
+    return f"steps 4-6 after resuming at 3: {exact} the uninterrupted run's losses"
+
+
+def resumed_at_step_3(context: Context, overrides: list[str], whole: Trainer) -> str:
+    """The run of `overrides` stopped at step 3 and resumed: how close its later losses come
+    to those of `whole`, the same run uninterrupted ("bitwise" or "within X"; 1e-5 fails)."""
+    part = run(trainer_for(context, *overrides, "run-name=part", "exit-interval=3"))
+    resumed = run(trainer_for(context, *overrides, "run-name=part", resume=part.run_dir))
     expected = {step: loss for step, loss in logged(whole).items() if step > 3}
     got = {step: loss for step, loss in logged(resumed).items() if step > 3}
     difference = agree(expected, got, 1e-5)
-    exact = "bitwise" if difference == 0 else f"within {difference:.1e}"
-    return f"steps 4-6 after resuming at 3: {exact} the uninterrupted run's losses"
+    return "bitwise" if difference == 0 else f"within {difference:.1e}"
 
 
 def torchrun_world_of_one(context: Context, mode: str) -> str:
@@ -668,12 +674,7 @@ def check_adamw8bit(context: Context) -> str:
     whole = run(trainer_for(context, *eight_bit, "run-name=whole"))
     if type(whole.optimizer).__name__ != "AdamW8bit":
         raise CheckFailed(f"the run stepped {type(whole.optimizer).__name__}, not AdamW8bit")
-    part = run(trainer_for(context, *eight_bit, "run-name=part", "exit-interval=3"))
-    resumed = run(trainer_for(context, *eight_bit, "run-name=part", resume=part.run_dir))
-    expected = {step: loss for step, loss in logged(whole).items() if step > 3}
-    got = {step: loss for step, loss in logged(resumed).items() if step > 3}
-    difference = agree(expected, got, 1e-5)
-    exact = "bitwise" if difference == 0 else f"within {difference:.1e}"
+    exact = resumed_at_step_3(context, eight_bit, whole)
     versus = agree(logged(adamw), logged(whole), LOSS_TOLERANCE["fp32"])
     return f"losses within {versus:.1e} of AdamW's; resumed at 3: {exact} the uninterrupted run"
 
